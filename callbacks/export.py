@@ -1,0 +1,57 @@
+"""``HFExport``: at the end of ``fit``, save a model that plain ``transformers`` loads.
+
+Writes ``save_pretrained`` weights and config, the tokenizer with its fork tokens and chat
+template, and ``forklight.json`` (fork tokens, their ids, the default tag, tag coverage), so::
+
+    model = AutoModelForCausalLM.from_pretrained(export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+
+generate with any tag and no forklight import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+METADATA_FILE = "forklight.json"
+
+
+def export_pretrained(pl_module, directory: str) -> str:
+    """Save ``pl_module``'s HF model, tokenizer and fork-token metadata into ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    pl_module.model.save_pretrained(directory)
+    pl_module.tokenizer.save_pretrained(directory)
+    metadata = {
+        "fork_tokens": pl_module.fork_tokens,
+        "fork_token_ids": pl_module.fork_token_ids,
+        "default_tag": pl_module.fork_tokens[pl_module.default_tag],
+        "default_tag_index": pl_module.default_tag,
+        "tag_coverage": pl_module.tag_coverage.tolist(),
+        "stop_token_ids": pl_module.stop_ids,
+        "method": type(pl_module).__name__,
+        "hparams": {key: value for key, value in pl_module.hparams.items() if isinstance(value, (str, int, float, bool, type(None)))},
+    }
+    with open(os.path.join(directory, METADATA_FILE), "w") as handle:
+        json.dump(metadata, handle, indent=2)
+    return directory
+
+
+class HFExport(L.Callback):
+    def __init__(self, dirpath: str | None = None) -> None:
+        """Export a ``transformers``-loadable model when ``fit`` ends.
+
+        Args:
+            dirpath: where to write; default ``<run dir>/export`` (the logger's version dir).
+        """
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        directory = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "export")
+        if trainer.is_global_zero:
+            export_pretrained(pl_module, directory)
+            rank_zero_info(f"forklight: exported model, tokenizer and {METADATA_FILE} to {directory}")
+        trainer.strategy.barrier("forklight_export")

@@ -1,0 +1,325 @@
+"""``ForkDataModule``: multi-trace questions, grouped per question, for every forklight module.
+
+Reads records (files, a ``datasets`` name/dir, or the embedded toy task), validates every record
+at setup, renders and tokenises them once, and serves :class:`TraceSetBatch` batches: whole
+questions with their trace sets, so SSFT can match a question's traces to tags and RL modules
+can use the prompts and answers. Questions of similar length are batched together (dynamic
+padding happens when the module assembles rows).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from forklight.data.records import FieldNames, QuestionRecord, RecordError, load_records
+from forklight.data.rendering import (
+    TOY_TOKENIZER,
+    TraceSetBatch,
+    end_of_turn_id,
+    load_tokenizer,
+    render_prompt_ids,
+    render_trace_ids,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ToyTask:
+    """Options of the embedded toy arithmetic task (``forklight.data.toy``)."""
+
+    num_train: int = 20000
+    num_val: int = 200
+    num_test: int = 500
+    min_terms: int = 2
+    max_terms: int = 3
+    min_digits: int = 2
+    max_digits: int = 2
+    seed: int = 1234
+
+
+@dataclass
+class RenderedQuestion:
+    """A question tokenised once at setup."""
+
+    id: str
+    prompt_ids: list[int]
+    trace_ids: list[list[int]]  # each: trace + end-of-turn
+    sources: list[str | None]
+    answer: str | None
+    columns: dict
+
+
+class QuestionDataset(Dataset):
+    """Rendered questions; ``max_traces`` of a question's traces are drawn per epoch when it has more."""
+
+    def __init__(self, questions: list[RenderedQuestion], max_traces: int | None, seed: int) -> None:
+        self.questions = questions
+        self.max_traces = max_traces
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, index: int) -> RenderedQuestion:
+        question = self.questions[index]
+        if self.max_traces is None or len(question.trace_ids) <= self.max_traces:
+            return question
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        keep = sorted(rng.choice(len(question.trace_ids), size=self.max_traces, replace=False).tolist())
+        return RenderedQuestion(
+            id=question.id,
+            prompt_ids=question.prompt_ids,
+            trace_ids=[question.trace_ids[j] for j in keep],
+            sources=[question.sources[j] for j in keep],
+            answer=question.answer,
+            columns=question.columns,
+        )
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled order in which each window of ``batch_size * window_batches`` is sorted by length.
+
+    Batches then hold questions of similar length (little padding) while the order stays
+    random across windows. ``set_epoch`` (called by Lightning) reshuffles and redraws traces.
+    """
+
+    def __init__(self, dataset: QuestionDataset, batch_size: int, seed: int, window_batches: int = 32) -> None:
+        self.dataset = dataset
+        self.lengths = [len(q.prompt_ids) + sum(len(t) for t in q.trace_ids) for q in dataset.questions]
+        self.window = batch_size * window_batches
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        for start in range(0, len(order), self.window):
+            window = order[start : start + self.window]
+            yield from sorted(window, key=lambda index: -self.lengths[index])
+
+
+def collate_questions(questions: list[RenderedQuestion]) -> TraceSetBatch:
+    return TraceSetBatch(
+        ids=[q.id for q in questions],
+        prompt_ids=[torch.tensor(q.prompt_ids, dtype=torch.long) for q in questions],
+        trace_ids=[[torch.tensor(t, dtype=torch.long) for t in q.trace_ids] for q in questions],
+        sources=[q.sources for q in questions],
+        answers=[q.answer for q in questions],
+        columns=[q.columns for q in questions],
+    )
+
+
+class ForkDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        toy: ToyTask | None = None,
+        tokenizer: str = TOY_TOKENIZER,
+        num_fork_tokens: int = 6,
+        fields: FieldNames = FieldNames(),
+        layout: str = "auto",
+        on_bad_record: str = "error",
+        val_size: int = 0,
+        test_size: int = 0,
+        prompt_template: str | None = None,
+        system_prompt: str | None = None,
+        end_token: str | None = None,
+        max_length: int = 2048,
+        max_traces: int | None = None,
+        min_traces: int = 1,
+        batch_size: int = 8,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """Multi-trace question data for SSFT, SFT and RL modules.
+
+        Args:
+            train: training data: a .jsonl/.json/.parquet file, a local dir or a ``datasets`` name.
+            val: validation data (same formats); if unset, ``val_size`` questions are split off ``train``.
+            test: test data (same formats); if unset, ``test_size`` questions are split off ``train``.
+            toy: use the embedded toy arithmetic task instead of files.
+            tokenizer: tokenizer name or path (linked from ``model.tokenizer``); ``toy`` = character tokenizer.
+            num_fork_tokens: number of forking tokens (linked from the model).
+            fields: field names of the input records.
+            layout: ``grouped`` (one question per row), ``flat`` (one trace per row) or ``auto``.
+            on_bad_record: ``error`` stops at the first bad record; ``skip`` skips and counts it.
+            val_size: questions split off ``train`` (seeded) when ``val`` is unset.
+            test_size: questions split off ``train`` (seeded) when ``test`` is unset.
+            prompt_template: format string with ``{prompt}``, used instead of the chat template.
+            system_prompt: system message put first when rendering with the chat template.
+            end_token: token that ends an answer (default: the tokenizer's EOS).
+            max_length: longest row (prompt + tag + trace + end); longer traces are truncated and counted.
+            max_traces: most traces per question per step (default: ``num_fork_tokens``); more are sampled.
+            min_traces: questions with fewer training traces are an error (or skipped).
+            batch_size: questions per training batch.
+            eval_batch_size: questions per validation/test batch.
+            num_workers: DataLoader worker processes.
+            seed: seed of the splits, the shuffling and the trace sampling.
+            trust_remote_code: allow a tokenizer's own code (off unless the model asks for it).
+        """
+        super().__init__()
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        if train is None and toy is None:
+            raise ValueError("set data.train to a data file/dataset, or data.toy for the embedded toy task")
+        for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                ("max_length", max_length, 8), ("min_traces", min_traces, 1)):
+            if value < low:
+                raise ValueError(f"data.{key} must be >= {low}, got {value}")
+        self.save_hyperparameters()
+        self.toy = toy
+        self.fields = fields
+        self.max_traces = max_traces if max_traces is not None else num_fork_tokens
+        self.tokenizer = None
+        self.datasets: dict[str, QuestionDataset] = {}
+        self.reports: list[str] = []
+
+    # ---- reading -------------------------------------------------------------------------
+    def _read(self, path: str) -> list[QuestionRecord]:
+        records, report = load_records(
+            path, fields=self.fields, layout=self.hparams.layout, on_bad_record=self.hparams.on_bad_record
+        )
+        self.reports.append(report.summary())
+        for message in report.skipped:
+            log.warning("skipped bad record: %s", message)
+        return records
+
+    def _read_splits(self) -> dict[str, list[QuestionRecord]]:
+        if self.toy is not None:
+            from forklight.data.toy import generate_toy_records
+
+            toy = self.toy
+            total = toy.num_train + toy.num_val + toy.num_test
+            records = generate_toy_records(
+                total, toy.seed, toy.min_terms, toy.max_terms, toy.min_digits, toy.max_digits
+            )
+            self.reports.append(f"toy task: {toy.num_train} train, {toy.num_val} val, {toy.num_test} test questions")
+            return {
+                "train": records[: toy.num_train],
+                "val": records[toy.num_train : toy.num_train + toy.num_val],
+                "test": records[toy.num_train + toy.num_val :],
+            }
+        splits = {"train": self._read(self.hparams.train)}
+        rng = np.random.default_rng(self.hparams.seed)
+        for name, size in (("val", self.hparams.val_size), ("test", self.hparams.test_size)):
+            given = self.hparams[name]
+            if given is not None:
+                splits[name] = self._read(given)
+            elif size > 0:
+                if size >= len(splits["train"]):
+                    raise ValueError(f"data.{name}_size={size} leaves no training questions ({len(splits['train'])} read)")
+                order = rng.permutation(len(splits["train"]))
+                held = set(order[:size].tolist())
+                splits[name] = [r for i, r in enumerate(splits["train"]) if i in held]
+                splits["train"] = [r for i, r in enumerate(splits["train"]) if i not in held]
+            else:
+                splits[name] = []
+        return splits
+
+    # ---- rendering -----------------------------------------------------------------------
+    def _render(self, records: list[QuestionRecord], split: str) -> list[RenderedQuestion]:
+        hp = self.hparams
+        end_id = end_of_turn_id(self.tokenizer, hp.end_token)
+        questions, truncated, skipped = [], 0, 0
+        for record in records:
+            try:
+                if split == "train" and len(record.traces) < hp.min_traces:
+                    raise RecordError(
+                        f"{record.location}: question has {len(record.traces)} traces, fewer than "
+                        f"data.min_traces={hp.min_traces}; add traces or lower data.min_traces"
+                    )
+                prompt_ids = render_prompt_ids(self.tokenizer, record, hp.prompt_template, hp.system_prompt)
+                if len(prompt_ids) + 2 > hp.max_length:
+                    raise RecordError(
+                        f"{record.location}: prompt is {len(prompt_ids)} tokens, leaving no room for a trace "
+                        f"within data.max_length={hp.max_length}; raise data.max_length or shorten the prompt"
+                    )
+            except RecordError as error:
+                if hp.on_bad_record == "error":
+                    raise
+                skipped += 1
+                log.warning("skipped bad record: %s", error)
+                continue
+            room = hp.max_length - len(prompt_ids) - 1  # tokens left after prompt and tag
+            trace_ids = []
+            for trace in record.traces:
+                ids = render_trace_ids(self.tokenizer, trace.text, end_id)
+                if len(ids) > room:
+                    truncated += 1
+                    ids = ids[:room]
+                trace_ids.append(ids)
+            questions.append(
+                RenderedQuestion(
+                    id=record.id,
+                    prompt_ids=prompt_ids,
+                    trace_ids=trace_ids,
+                    sources=[trace.source for trace in record.traces],
+                    answer=record.answer,
+                    columns=record.columns,
+                )
+            )
+        if truncated:
+            log.warning(
+                "%s: %d traces longer than data.max_length=%d were truncated (their end-of-turn token is lost)",
+                split, truncated, hp.max_length,
+            )
+        self.reports.append(f"{split}: {len(questions)} questions, {truncated} traces truncated, {skipped} skipped")
+        return questions
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer, self.hparams.trust_remote_code)
+        for split, records in self._read_splits().items():
+            self.datasets[split] = QuestionDataset(self._render(records, split), self.max_traces, self.hparams.seed)
+        if not self.datasets["train"].questions and stage in (None, "fit"):
+            raise ValueError("no training questions left after validation; check the data and data.on_bad_record")
+        for line in self.reports:
+            log.info("data: %s", line)
+
+    # ---- loaders -------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.datasets["train"]
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=LengthGroupedSampler(dataset, self.hparams.batch_size, self.hparams.seed),
+            collate_fn=collate_questions,
+            num_workers=self.hparams.num_workers,
+            drop_last=True,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate_questions,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

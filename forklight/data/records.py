@@ -1,0 +1,328 @@
+"""Question records: the typed form every input layout is read into, with validation.
+
+A record is one question with its set of correct reasoning traces. Files are read in one
+of two layouts (DESIGN.md §3):
+
+- grouped: ``{"id", "prompt" | "messages", "answer", "traces": [str | {"text", "source"}]}``
+- flat: one trace per row ``{"id", "prompt" | "messages", "answer", "trace", "source"}``,
+  rows grouped by ``id`` (or by prompt text when there is no id).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Trace:
+    """One correct reasoning trace of a question."""
+
+    text: str
+    source: str | None = None  # teacher / strategy name; None when the data has none
+
+
+@dataclass
+class QuestionRecord:
+    """One question and its set of traces, as read from a file or made by the toy task."""
+
+    id: str
+    prompt: str | None  # plain prompt text (rendered with the chat template or prompt_template)
+    messages: list[dict[str, str]] | None  # chat messages, alternative to ``prompt``
+    answer: str | None  # gold answer given to the verifier
+    traces: list[Trace]
+    location: str = ""  # where the record came from, e.g. "train.jsonl:12"
+    columns: dict[str, Any] = field(default_factory=dict)  # other fields, passed to verifiers
+
+
+@dataclass
+class FieldNames:
+    """Field names of the input files (configurable per dataset)."""
+
+    id: str = "id"
+    prompt: str = "prompt"
+    messages: str = "messages"
+    answer: str = "answer"
+    traces: str = "traces"  # grouped layout: list of traces
+    trace: str = "trace"  # flat layout: one trace per row
+    text: str = "text"  # inside a trace object
+    source: str = "source"  # inside a trace object, or a column in the flat layout
+
+
+class RecordError(ValueError):
+    """A bad input record: the message names the file, line (or row) and what to do."""
+
+
+LAYOUTS = ("auto", "grouped", "flat")
+ON_BAD_RECORD = ("error", "skip")
+Row = dict[str, Any]
+
+
+@dataclass
+class LoadReport:
+    """What a load did: rows seen, questions kept and one message per skipped row."""
+
+    path: str
+    rows_read: int = 0  # raw rows/lines seen (blank jsonl lines not counted)
+    questions: int = 0  # records returned
+    skipped: list[str] = field(default_factory=list)  # one full error message per skipped row
+
+    def summary(self) -> str:
+        """One line for the log, e.g. ``"train.jsonl: 120 rows -> 30 questions, 2 skipped"``."""
+        name = os.path.basename(self.path.rstrip("/\\")) if os.path.exists(self.path) else self.path
+        return f"{name}: {self.rows_read} rows -> {self.questions} questions, {len(self.skipped)} skipped"
+
+
+def load_records(
+    path: str, *, fields: FieldNames | None = None, layout: str = "auto", on_bad_record: str = "error",
+    split: str = "train",
+) -> tuple[list[QuestionRecord], LoadReport]:
+    """Read and validate the questions of ``path`` (.jsonl, .json, .parquet, directory or dataset name).
+
+    ``layout`` is "auto" (decided by the first row: ``fields.traces`` -> grouped, ``fields.trace``
+    -> flat), "grouped" or "flat". ``on_bad_record`` is "error" (raise :class:`RecordError` on the
+    first bad row) or "skip" (note it in ``report.skipped`` and go on). A source with no valid
+    question raises :class:`RecordError` in both modes.
+    """
+    report = LoadReport(path=path)  # the arguments are checked by parse_record_rows, before any reading
+    records = parse_record_rows(
+        _read_rows(path, split), fields=fields or FieldNames(), layout=layout,
+        on_bad_record=on_bad_record, report=report,
+    )
+    if not records:
+        first = f" (first problem: {report.skipped[0]})" if report.skipped else ""
+        raise RecordError(
+            f"no questions in {path}: {report.rows_read} rows read, {len(report.skipped)} skipped{first}; "
+            "check the file, its layout and the configured field names"
+        )
+    return records, report
+
+
+def parse_record_rows(
+    rows: Iterable[tuple[str, Row | RecordError]], *, fields: FieldNames, layout: str, on_bad_record: str,
+    report: LoadReport,
+) -> list[QuestionRecord]:
+    """Validate ``(location, row)`` pairs and build the questions, in first-appearance order.
+
+    A row may also be a :class:`RecordError` (a line the reader could not decode); it is raised or
+    skipped like any bad row. Failing to detect the layout in "auto" mode always raises.
+    """
+    _check_choice("layout", layout, LAYOUTS)
+    _check_choice("on_bad_record", on_bad_record, ON_BAD_RECORD)
+    groups: dict[Any, QuestionRecord] = {}
+    for loc, row in rows:
+        report.rows_read += 1
+        if layout == "auto" and isinstance(row, dict):
+            layout = _detect_layout(loc, row, fields)
+        try:
+            if isinstance(row, RecordError):
+                raise row
+            if not isinstance(row, dict):
+                raise _bad(loc, f"row is {_show(row)}, not a JSON object", "write one object per row")
+            if layout == "flat":
+                _add_flat(loc, row, fields, groups)
+            else:
+                _add_grouped(loc, row, fields, groups)
+        except RecordError as err:
+            if on_bad_record == "error":
+                raise
+            report.skipped.append(str(err))
+    report.questions = len(groups)
+    return list(groups.values())
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _bad(loc: str, what: str, fix: str) -> RecordError:
+    """The error for a bad row, in the form ``"<location>: <what is wrong>; <how to fix>"``."""
+    return RecordError(f"{loc}: {what}; {fix}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _read_rows(path: str, split: str) -> Iterator[tuple[str, Row | RecordError]]:
+    """Yield ``(location, row)`` from a file, a local directory or a ``datasets`` name."""
+    suffix = os.path.splitext(path)[1].lower()
+    looks_local = os.path.isabs(path) or path.startswith(".") or suffix in (".jsonl", ".json", ".parquet")
+    if looks_local and not os.path.exists(path):
+        raise RecordError(f"{path}: no such file or directory; {_ACCEPTED}")
+    if os.path.isfile(path) and suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif os.path.isfile(path) and suffix == ".json":
+        yield from _read_json(path)
+    elif os.path.isfile(path) and suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            batches = pq.ParquetFile(path).iter_batches()
+            rows = (row for batch in batches for row in batch.to_pylist())
+            yield from ((f"{path}:row {k}", row) for k, row in enumerate(rows, 1))
+        except pa.ArrowException as err:
+            raise RecordError(f"{path}: cannot read parquet ({err}); check that it is parquet") from err
+    else:
+        import datasets  # slow import, only when needed
+
+        try:
+            dataset = datasets.load_dataset(path, split=split)
+        except Exception as err:  # noqa: BLE001 - datasets raises many kinds
+            raise RecordError(f"{path}: cannot load it ({type(err).__name__}: {err}); {_ACCEPTED}") from err
+        yield from ((f"{path}[{split}]:row {k}", row) for k, row in enumerate(dataset, 1))
+
+
+_ACCEPTED = "give a .jsonl, .json or .parquet file, a local directory or a datasets.load_dataset name"
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[str, Row | RecordError]]:
+    """Decode line by line, so an undecodable line is reported with its number."""
+    with open(path, "rb") as fh:
+        data = fh.read().removeprefix(codecs.BOM_UTF8)
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        loc = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            what = f"line is not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
+            yield loc, _bad(loc, what, "save the file as UTF-8")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield loc, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield loc, _bad(loc, f"malformed JSON ({err})", "write one complete JSON object per line")
+
+
+def _read_json(path: str) -> Iterator[tuple[str, Row | RecordError]]:
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            data = json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RecordError(f"{path}: not a valid UTF-8 JSON file ({err}); fix it or use .jsonl") from err
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise RecordError(f"{path}: top level is {type(data).__name__}; give a list of objects or "
+                          '{"data": [...]}')
+    yield from ((f"{path}:item {k}", item) for k, item in enumerate(data, 1))
+
+
+def _detect_layout(loc: str, row: Row, f: FieldNames) -> str:
+    if f.traces in row:
+        return "grouped"
+    if f.trace in row:
+        return "flat"
+    raise _bad(loc, f"cannot tell the layout: the first row has neither '{f.traces}' (grouped) nor "
+               f"'{f.trace}' (flat)", "add one of them, set the trace field names or pass layout explicitly")
+
+
+Question = tuple[str | None, list[dict[str, str]] | None, str | None, str | None]
+
+
+def _question(loc: str, row: Row, f: FieldNames) -> Question:
+    """Validate the question fields of a row: ``(prompt, messages, answer, id)``; None = absent."""
+    prompt, messages, answer, qid = (row.get(name) for name in (f.prompt, f.messages, f.answer, f.id))
+    if prompt is None and messages is None:
+        raise _bad(loc, f"neither '{f.prompt}' nor '{f.messages}' is present",
+                   f"give the question as '{f.prompt}' (a string) or '{f.messages}' (chat messages)")
+    if prompt is not None and not (isinstance(prompt, str) and prompt.strip()):
+        raise _bad(loc, f"field '{f.prompt}' must be a non-empty string, got {_show(prompt)}",
+                   "give the question text as a string")
+    if messages is not None:
+        messages = _messages(loc, messages, f.messages)
+    if answer is not None:
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise _bad(loc, f"field '{f.answer}' must be a string or a number, got {_show(answer)}",
+                       "write the gold answer as a string")
+        answer = str(answer)
+    if qid is not None:
+        if isinstance(qid, bool) or not isinstance(qid, (str, int)) or qid == "":
+            raise _bad(loc, f"field '{f.id}' must be a non-empty string or an integer, got {_show(qid)}",
+                       "give every question a string id, or drop the field")
+        qid = str(qid)
+    return prompt, messages, answer, qid
+
+
+def _messages(loc: str, value: Any, name: str) -> list[dict[str, str]]:
+    fix = 'write them as [{"role": "user", "content": "..."}, ...]'
+    if not isinstance(value, list) or not value:
+        what = "an empty list" if isinstance(value, list) else _show(value)
+        raise _bad(loc, f"field '{name}' must be a non-empty list of chat messages, got {what}", fix)
+    for i, msg in enumerate(value):
+        if not (isinstance(msg, dict) and all(isinstance(msg.get(k), str) for k in ("role", "content"))):
+            what = f"{name}[{i}] must be an object with string 'role' and 'content', got {_show(msg)}"
+            raise _bad(loc, what, fix)
+    return [{k: v for k, v in msg.items() if v is not None} for msg in value]
+
+
+def _source(loc: str, value: Any, what: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _bad(loc, f"{what} must be a string, got {_show(value)}", "name the teacher as a string")
+    return value
+
+
+def _add_grouped(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRecord]) -> None:
+    """Validate one grouped row (a whole question) and add it to ``groups`` (keyed by id)."""
+    prompt, messages, answer, qid = _question(loc, row, f)
+    items = row.get(f.traces)
+    fix = "give at least one trace or remove the question"
+    if items is None:
+        raise _bad(loc, f"field '{f.traces}' is missing", f"{fix} (flat files: pass layout='flat')")
+    if not isinstance(items, list):
+        raise _bad(loc, f"field '{f.traces}' must be a list of traces, got {_show(items)}", fix)
+    if not items:
+        raise _bad(loc, f"field '{f.traces}' is an empty list", fix)
+    traces = []
+    for i, item in enumerate(items):
+        text = item.get(f.text) if isinstance(item, dict) else item
+        if not (isinstance(text, str) and text.strip()):
+            raise _bad(loc, f"{f.traces}[{i}] must be a non-empty string or an object with a non-empty "
+                       f"string '{f.text}', got {_show(item)}", "fix or remove this trace")
+        source = item.get(f.source) if isinstance(item, dict) else None
+        traces.append(Trace(text, _source(loc, source, f"{f.traces}[{i}].{f.source}")))
+    qid = qid if qid is not None else loc
+    if qid in groups:
+        raise _bad(loc, f"duplicate id '{qid}' (first used at {groups[qid].location})",
+                   "give every question a unique id, or merge the two questions")
+    columns = {k: v for k, v in row.items() if k not in (f.id, f.prompt, f.messages, f.answer, f.traces)}
+    groups[qid] = QuestionRecord(qid, prompt, messages, answer, traces, loc, columns)
+
+
+def _add_flat(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRecord]) -> None:
+    """Validate one flat row (one trace) and merge it into its question in ``groups``."""
+    prompt, messages, answer, qid = _question(loc, row, f)
+    text = row.get(f.trace)
+    if text is None:
+        raise _bad(loc, f"field '{f.trace}' is missing", "give the trace text, or pass layout='grouped'")
+    if not (isinstance(text, str) and text.strip()):
+        raise _bad(loc, f"field '{f.trace}' must be a non-empty string, got {_show(text)}",
+                   "fix the trace or remove the row")
+    trace = Trace(text, _source(loc, row.get(f.source), f"field '{f.source}'"))
+    if qid is not None:
+        key: tuple[str, str] = ("id", qid)
+    else:
+        key = ("prompt", prompt) if prompt is not None else ("messages", json.dumps(messages))
+    record = groups.get(key)
+    if record is None:
+        known = (f.id, f.prompt, f.messages, f.answer, f.trace, f.source)
+        columns = {k: v for k, v in row.items() if k not in known}
+        groups[key] = QuestionRecord(qid or loc, prompt, messages, answer, [trace], loc, columns)
+        return
+    name = f"'{qid}'" if qid is not None else "with the same prompt"
+    if (record.prompt, record.messages) != (prompt, messages):
+        what = f"question {name} conflicts with {record.location} (different {f.prompt}/{f.messages})"
+        raise _bad(loc, what, "rows of one question must repeat the same question; fix the text or the id")
+    if record.answer != answer:
+        raise _bad(loc, f"question {name} conflicts with {record.location} (different {f.answer}: "
+                   f"{answer!r} vs {record.answer!r})", "rows of one question must have the same answer")
+    record.traces.append(trace)

@@ -1,0 +1,140 @@
+"""Rendering and tokenisation: records to token ids, and token ids to padded model rows.
+
+A training row is ``[prompt | tag | trace | end-of-turn]`` (DESIGN.md §3): the prompt is the
+tokenizer's chat template with the generation prompt (or ``prompt_template``), the tag is one
+forking token, and the trace is tokenised on its own so no token merges across a boundary.
+Labels mask the prompt and the tag; the trace and the end-of-turn token are supervised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from forklight.data.records import QuestionRecord
+
+IGNORE_INDEX = -100  # label of positions that get no loss (PyTorch/HF convention)
+TOY_TOKENIZER = "toy"  # name of the embedded character tokenizer of the toy task
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The toy character tokenizer (``"toy"``) or ``AutoTokenizer.from_pretrained(name_or_path)``."""
+    if name_or_path == TOY_TOKENIZER:
+        from forklight.data.toy import build_toy_tokenizer
+
+        return build_toy_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:  # many causal LMs ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _token_ids(encoded: Any) -> list[int]:
+    """``apply_chat_template(tokenize=True)`` returns a list or a mapping, by version."""
+    if isinstance(encoded, Mapping):
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def render_prompt_ids(
+    tokenizer, record: QuestionRecord, prompt_template: str | None = None, system_prompt: str | None = None
+) -> list[int]:
+    """Token ids of the prompt, ending where the assistant's answer (the tag) starts."""
+    if prompt_template is not None:
+        text = record.prompt if record.prompt is not None else "\n".join(m["content"] for m in record.messages or [])
+        return tokenizer(prompt_template.format(prompt=text), add_special_tokens=True)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat template; set data.prompt_template (e.g. 'Question: {prompt}\\nAnswer: ')"
+        )
+    messages = list(record.messages) if record.messages else [{"role": "user", "content": record.prompt or ""}]
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return _token_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def end_of_turn_id(tokenizer, end_token: str | None = None) -> int:
+    """Id of the token that ends an answer: ``end_token`` if given, else the tokenizer's EOS."""
+    token = end_token if end_token is not None else tokenizer.eos_token
+    if token is None:
+        raise ValueError("the tokenizer has no EOS token; set data.end_token to the end-of-turn token")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"data.end_token {token!r} is not a single token of the tokenizer")
+    return token_id
+
+
+def render_trace_ids(tokenizer, text: str, end_id: int) -> list[int]:
+    """Token ids of a trace followed by the end-of-turn token."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_id]
+
+
+@dataclass
+class TraceSetBatch:
+    """A batch of questions, each with its prompt and its set of traces (token ids)."""
+
+    ids: list[str]  # question ids, [B]
+    prompt_ids: list[torch.Tensor]  # B tensors [P_b]: rendered prompt, generation prompt included
+    trace_ids: list[list[torch.Tensor]]  # B lists of M_b tensors [L_bj]: trace + end-of-turn
+    sources: list[list[str | None]]  # B lists of M_b trace sources
+    answers: list[str | None]  # gold answers, [B]
+    columns: list[dict[str, Any]] = field(default_factory=list)  # other fields per question
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Rows:
+    """Right-padded model rows built from (prompt, prefix tokens, continuation) triples."""
+
+    input_ids: torch.Tensor  # [R, T]
+    attention_mask: torch.Tensor  # [R, T], 1 on real tokens
+    labels: torch.Tensor  # [R, T], IGNORE_INDEX on prompt, tag and padding
+
+
+def assemble_rows(
+    prompts: Sequence[torch.Tensor],
+    tags: Sequence[int],
+    continuations: Sequence[torch.Tensor],
+    pad_id: int,
+    max_continuation_tokens: int | None = None,
+) -> Rows:
+    """Rows ``[prompt | tag | continuation]`` with only the continuation supervised.
+
+    ``max_continuation_tokens`` keeps only the first tokens of each continuation (the SSFT
+    matching prefix).
+    """
+    pieces, supervised = [], []
+    for prompt, tag, continuation in zip(prompts, tags, continuations, strict=True):
+        if max_continuation_tokens is not None:
+            continuation = continuation[:max_continuation_tokens]
+        tag_tensor = torch.tensor([tag], dtype=prompt.dtype, device=prompt.device)
+        pieces.append(torch.cat([prompt, tag_tensor, continuation]))
+        supervised.append(len(prompt) + 1)
+    length = max(len(piece) for piece in pieces)
+    device = pieces[0].device
+    input_ids = torch.full((len(pieces), length), pad_id, dtype=torch.long, device=device)  # [R, T]
+    attention_mask = torch.zeros((len(pieces), length), dtype=torch.long, device=device)  # [R, T]
+    labels = torch.full((len(pieces), length), IGNORE_INDEX, dtype=torch.long, device=device)  # [R, T]
+    for row, (piece, start) in enumerate(zip(pieces, supervised)):
+        input_ids[row, : len(piece)] = piece
+        attention_mask[row, : len(piece)] = 1
+        labels[row, start : len(piece)] = piece[start:]
+    return Rows(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def left_padded_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` [R, T] and ``attention_mask`` [R, T] for generation."""
+    length = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        attention_mask[row, length - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)

@@ -1,0 +1,338 @@
+"""``ForkModule``: what every forklight method shares.
+
+Model and tokenizer setup (any Hugging Face causal LM, or a tiny Llama-style model built from a
+config), the forking tokens, the optimiser and schedule, and the evaluation loop of DESIGN.md §2:
+for every question and every tag, ``n_per_tag`` samples, scored by the verifier, reported per tag
+and overall (pass@1, pass@k, cons@N, purity, length, distinctness). Methods (SSFT, GFPO, GRPO)
+subclass it and add their ``training_step``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from forklight.data.rendering import TOY_TOKENIZER, TraceSetBatch, end_of_turn_id, load_tokenizer
+from forklight.forking import add_fork_tokens, fork_token_names, init_fork_embeddings
+from forklight.metrics import cons_at_k, distinctness, pass_at_k, strategy_purity
+from forklight.rewards import resolve_callable, resolve_verifier
+from forklight.rollout import generate_completions
+
+FORK_POLICIES = ("coverage", "fixed", "uniform")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class QuestionEvaluation:
+    """Evaluation samples of one question: ``n_per_tag`` per tag, indexed [tag][sample]."""
+
+    id: str
+    answer: str | None
+    scores: list[list[float | None]]  # [N][n] verifier scores (None = not scorable)
+    answers: list[list[str | None]]  # [N][n] extracted answers, for majority voting
+    lengths: list[list[int]]  # [N][n] generated tokens
+    texts: list[list[str]]  # [N][n]
+    strategies: list[list[str | None]] = field(default_factory=list)  # [N][n] if a classifier is set
+
+
+def build_causal_lm(
+    name_or_path: str | None, model_config: dict | None, vocab_size: int, dtype: str | None, trust_remote_code: bool
+):
+    """A pretrained HF causal LM from ``name_or_path``, or a fresh one from ``model_config``."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = DTYPES[dtype] if dtype is not None else None
+    if name_or_path is not None:
+        dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        kwargs = {dtype_key: torch_dtype} if torch_dtype is not None else {}
+        return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    config = dict(model_config)
+    model_type = config.pop("model_type", "llama")
+    config.setdefault("vocab_size", vocab_size)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+    return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+class ForkModule(L.LightningModule):
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        model_config: dict | None = None,
+        tokenizer: str | None = None,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        num_fork_tokens: int = 6,
+        fork_token_format: str = "<think{i}>",
+        fork_init_noise: float = 0.1,
+        end_token: str | None = None,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        n_per_tag: int = 1,
+        eval_temperature: float = 1.0,
+        eval_top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        generation_batch_size: int = 256,
+        pass_k: int | None = None,
+        fork_policy: str = "coverage",
+        fixed_tag: int = 0,
+        verifier: str = "exact_integer",
+        strategy_classifier: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Shared model setup and evaluation.
+
+        Args:
+            name_or_path: Hugging Face model id or local dir; unset builds a fresh model from ``model_config``.
+            model_config: ``AutoConfig`` keyword arguments (with ``model_type``) of a fresh model (toy, tests).
+            tokenizer: tokenizer name or path; default ``name_or_path``, or ``toy`` (character tokenizer).
+            dtype: weight dtype (``float32``, ``bfloat16``, ``float16``); unset keeps the checkpoint's.
+            trust_remote_code: run a model repository's own code (off unless you trust it).
+            gradient_checkpointing: recompute activations in backward to save memory.
+            num_fork_tokens: N, the number of forking tokens ``<think1>..<thinkN>``.
+            fork_token_format: name of fork token i (1-based), must contain ``{i}``.
+            fork_init_noise: std of the seeded perturbation of new fork embeddings, relative to the rows' std.
+            end_token: token that ends an answer (default: the tokenizer's EOS); generation stops there.
+            learning_rate: peak AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear warm-up steps, then cosine decay to ``min_lr_ratio * learning_rate``.
+            min_lr_ratio: final learning rate as a fraction of the peak.
+            n_per_tag: evaluation samples per question and tag.
+            eval_temperature: evaluation sampling temperature (0 = greedy).
+            eval_top_p: evaluation nucleus sampling threshold.
+            max_new_tokens: longest evaluation completion.
+            generation_batch_size: sequences per ``generate`` call.
+            pass_k: k of ``val/pass@k`` and ``val/cons@N`` (default: all samples of a question, N * n_per_tag).
+            fork_policy: single-shot tag choice for ``val/pass@1``: ``coverage`` (default tag), ``fixed``, ``uniform``.
+            fixed_tag: tag index (0-based) used by ``fork_policy: fixed``.
+            verifier: ``exact_integer`` or ``package.module:function`` scoring completions against answers.
+            strategy_classifier: ``package.module:function`` naming the strategy of a completion (enables purity).
+            seed: seed of the fork-token initialisation, fresh weights, matching and sampling.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_ranges()
+        self.tokenizer = load_tokenizer(tokenizer or name_or_path or TOY_TOKENIZER, trust_remote_code)
+        self._vocab_before_fork_tokens = len(self.tokenizer)
+        self.fork_tokens = fork_token_names(num_fork_tokens, fork_token_format)
+        self.fork_token_ids, self._new_fork_token_ids = add_fork_tokens(self.tokenizer, self.fork_tokens)
+        self.stop_ids = sorted({end_of_turn_id(self.tokenizer, end_token), self.tokenizer.eos_token_id} - {None})
+        self.verifier, self.extract_answer = resolve_verifier(verifier)
+        self.classify_strategy = (
+            resolve_callable(strategy_classifier, {}, "model.strategy_classifier") if strategy_classifier else None
+        )
+        # Traces matched to each tag over training; argmax = the default tag (stored in checkpoints).
+        self.register_buffer("tag_coverage", torch.zeros(num_fork_tokens, dtype=torch.float64))
+        self.model = None
+        self._evaluations: list[QuestionEvaluation] = []
+        self.last_evaluation: list[QuestionEvaluation] = []  # read by callbacks (samples, views)
+
+    def _check_ranges(self) -> None:
+        hp = self.hparams
+        if hp.name_or_path is None and hp.model_config is None:
+            raise ValueError("set model.name_or_path (HF model id or dir) or model.model_config (fresh model)")
+        if hp.dtype is not None and hp.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {hp.dtype!r}")
+        if hp.fork_policy not in FORK_POLICIES:
+            raise ValueError(f"model.fork_policy must be one of {FORK_POLICIES}, got {hp.fork_policy!r}")
+        if not 0 <= hp.fixed_tag < hp.num_fork_tokens:
+            raise ValueError(f"model.fixed_tag must be in [0, {hp.num_fork_tokens - 1}], got {hp.fixed_tag}")
+        for key in ("n_per_tag", "max_new_tokens", "generation_batch_size"):
+            if hp[key] < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {hp[key]}")
+        if hp.learning_rate <= 0:
+            raise ValueError(f"model.learning_rate must be > 0, got {hp.learning_rate}")
+        samples = hp.num_fork_tokens * hp.n_per_tag
+        if hp.pass_k is not None and not 1 <= hp.pass_k <= samples:
+            raise ValueError(f"model.pass_k must be in [1, num_fork_tokens * n_per_tag = {samples}], got {hp.pass_k}")
+
+    # ---- model ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build the model once (Lightning calls this before training, loading and sharding)."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hp.seed)
+            model = build_causal_lm(hp.name_or_path, hp.model_config, len(self.tokenizer), hp.dtype, hp.trust_remote_code)
+        if self._new_fork_token_ids:
+            init_fork_embeddings(model, self._new_fork_token_ids, self._vocab_before_fork_tokens, hp.seed, hp.fork_init_noise)
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        model.generation_config.eos_token_id = self.stop_ids
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        self.model = model
+
+    @property
+    def default_tag(self) -> int:
+        """Index of the tag matched to the most traces in training ("coverage"); 0 before training."""
+        return int(torch.argmax(self.tag_coverage).item()) if self.tag_coverage.sum() > 0 else 0
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in parameters if p.ndim >= 2]
+        no_decay = [p for p in parameters if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate,
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to min_lr_ratio
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total_steps - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["forklight"] = {
+            "fork_tokens": self.fork_tokens,
+            "fork_token_ids": self.fork_token_ids,
+            "default_tag": self.default_tag,
+            "tokenizer_json": self.tokenizer.backend_tokenizer.to_str() if self.tokenizer.is_fast else None,
+            "chat_template": getattr(self.tokenizer, "chat_template", None),
+        }
+
+    # ---- evaluation (DESIGN.md §2) ---------------------------------------------------------
+    def _sampling_seed(self) -> int:
+        return self.hparams.seed * 1_000_003 + self.global_step * 997 + self.global_rank
+
+    def evaluate_batch(self, batch: TraceSetBatch) -> list[QuestionEvaluation]:
+        """Sample ``n_per_tag`` completions per (question, tag) and score them."""
+        hp = self.hparams
+        num_tags, n = len(self.fork_token_ids), hp.n_per_tag
+        prefixes = [
+            prompt.tolist() + [tag_id] for prompt in batch.prompt_ids for tag_id in self.fork_token_ids for _ in range(n)
+        ]  # ordered [question, tag, sample]
+        device = self.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self._sampling_seed())
+            completions = generate_completions(
+                self.model, self.tokenizer, prefixes, self.stop_ids, hp.max_new_tokens,
+                hp.eval_temperature, hp.eval_top_p, hp.generation_batch_size,
+            )
+        texts = [completion.text for completion in completions]
+        answers = [answer for answer in batch.answers for _ in range(num_tags * n)]
+        columns = {key: [row.get(key) for row in batch.columns for _ in range(num_tags * n)]
+                   for key in (batch.columns[0] if batch.columns else {})}
+        scores = self.verifier(texts, answers, **columns)
+        if len(scores) != len(texts):
+            raise ValueError(f"model.verifier returned {len(scores)} scores for {len(texts)} completions")
+        results = []
+        per_question = num_tags * n
+        for q, question_id in enumerate(batch.ids):
+            block = slice(q * per_question, (q + 1) * per_question)
+
+            def grid(values):  # flat [N * n] -> [N][n]
+                values = list(values)
+                return [values[t * n : (t + 1) * n] for t in range(num_tags)]
+
+            results.append(
+                QuestionEvaluation(
+                    id=question_id,
+                    answer=batch.answers[q],
+                    scores=grid(scores[block]),
+                    answers=grid(self.extract_answer(text) for text in texts[block]),
+                    lengths=grid(completion.length for completion in completions[block]),
+                    texts=grid(texts[block]),
+                    strategies=grid(self.classify_strategy(text) for text in texts[block])
+                    if self.classify_strategy else [],
+                )
+            )
+        return results
+
+    def validation_step(self, batch: TraceSetBatch, batch_idx: int) -> None:
+        self._evaluations.extend(self.evaluate_batch(batch))
+
+    def test_step(self, batch: TraceSetBatch, batch_idx: int) -> None:
+        self._evaluations.extend(self.evaluate_batch(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _gather_evaluations(self) -> list[QuestionEvaluation]:
+        local, self._evaluations = self._evaluations, []
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return local
+        gathered: list[list[QuestionEvaluation]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(gathered, local)
+        seen, merged = set(), []
+        for evaluation in (e for rank_list in gathered for e in rank_list):  # distributed samplers may pad
+            if evaluation.id not in seen:
+                seen.add(evaluation.id)
+                merged.append(evaluation)
+        return merged
+
+    def evaluation_metrics(self, evaluations: list[QuestionEvaluation]) -> dict[str, float]:
+        """Per-tag and overall metrics of DESIGN.md §2 (keys without the ``val/`` prefix)."""
+        hp = self.hparams
+        num_tags, n = len(self.fork_token_ids), hp.n_per_tag
+        k = hp.pass_k or num_tags * n
+        metrics: dict[str, float] = {}
+        tag_pass = []
+        for tag in range(num_tags):
+            scored = [s for e in evaluations for s in e.scores[tag] if s is not None]
+            tag_pass.append(float(np.mean(scored)) if scored else 0.0)
+            metrics[f"tag{tag + 1}/pass@1"] = tag_pass[-1]
+            metrics[f"tag{tag + 1}/len"] = float(np.mean([length for e in evaluations for length in e.lengths[tag]]))
+        pass_k, cons = [], []
+        for e in evaluations:
+            flat = [s for row in e.scores for s in row if s is not None]
+            if flat and len(flat) >= k:
+                pass_k.append(pass_at_k(len(flat), int(sum(s > 0.5 for s in flat)), k))
+            if e.answer is not None:
+                voted = [e.answers[tag][sample] for sample in range(n) for tag in range(num_tags)]  # one per tag, round by round
+                gold = self.extract_answer(e.answer)
+                cons.append(cons_at_k(voted, gold, k) if gold is not None else 0.0)
+        metrics["pass@k"] = float(np.mean(pass_k)) if pass_k else 0.0
+        metrics["cons@N"] = float(np.mean(cons)) if cons else 0.0
+        metrics["pass@1/coverage"] = tag_pass[self.default_tag]
+        metrics["pass@1/fixed"] = tag_pass[hp.fixed_tag]
+        metrics["pass@1/uniform"] = float(np.mean(tag_pass))
+        metrics["pass@1/best_tag"] = max(tag_pass)
+        metrics["pass@1"] = metrics[f"pass@1/{hp.fork_policy}"]
+        metrics["len"] = float(np.mean([length for e in evaluations for row in e.lengths for length in row]))
+        metrics["distinctness"] = float(np.mean([distinctness(e.texts) for e in evaluations]))
+        if self.classify_strategy is not None:
+            used = self.used_tags()
+            purities = []
+            for tag in range(num_tags):
+                labels = [label for e in evaluations for label in e.strategies[tag]]
+                metrics[f"tag{tag + 1}/purity"] = strategy_purity(labels)
+                if tag in used:
+                    purities.append(metrics[f"tag{tag + 1}/purity"])
+            metrics["purity"] = float(np.mean(purities))
+        return metrics
+
+    def used_tags(self) -> list[int]:
+        """Tags with at least half a uniform share of the training traces (all tags before training)."""
+        coverage = self.tag_coverage
+        if coverage.sum() == 0:
+            return list(range(len(coverage)))
+        share = coverage / coverage.sum()
+        return [tag for tag in range(len(coverage)) if share[tag] >= 0.5 / len(coverage)]
+
+    def _log_evaluation(self, stage: str) -> None:
+        evaluations = self._gather_evaluations()
+        self.last_evaluation = evaluations
+        if not evaluations:
+            return
+        for key, value in self.evaluation_metrics(evaluations).items():
+            self.log(f"{stage}/{key}", value, rank_zero_only=True, sync_dist=False)

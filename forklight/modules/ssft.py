@@ -1,0 +1,136 @@
+"""SSFT: set supervised fine-tuning with global forking tokens (DESIGN.md §1).
+
+Run the toy default (CPU, minutes)::
+
+    forklight fit -c configs/ssft.yaml
+
+Per question with traces ``r_1..r_M`` and tags ``g_1..g_N`` (N >= M), each training step:
+
+1. cost matrix, no gradient: ``C[i, j]`` = mean NLL of the first ``match_prefix_tokens`` tokens
+   of trace j after the prompt and tag i; all N*M rows of the batch in chunked forward passes;
+2. matching: ``sigma = argmin sum_j C[sigma(j), j]`` over injective maps (Hungarian algorithm);
+3. loss, with gradient: NTP loss of every trace after its matched tag, summed over tokens and
+   divided by the number of supervised tokens in the batch; unmatched tags get no loss.
+
+``matching`` selects the baselines of the same module: ``random`` (a random injective map each
+step, the paper's collapse ablation), ``fixed`` (trace j -> tag j) and ``single`` (every trace
+to tag 1: SFT-mixed; use it with ``num_fork_tokens: 1``).
+
+Departures from the paper: the cost uses the model in eval mode (no dropout) so matching is
+deterministic; the default tag is the tag matched to the most traces over the whole run
+(stored in the ``tag_coverage`` buffer of the checkpoint and in the export metadata).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from forklight.data.rendering import TraceSetBatch, assemble_rows
+from forklight.losses import mean_row_nll, summed_nll
+from forklight.matching import MATCHING_MODES, assignment_cost, expected_random_cost, match_traces_to_tags
+from forklight.modules.base import ForkModule
+
+
+class SSFTModule(ForkModule):
+    def __init__(
+        self,
+        matching: str = "hungarian",
+        match_prefix_tokens: int | None = 1000,
+        match_chunk_rows: int = 256,
+        **kwargs,
+    ) -> None:
+        """Set supervised fine-tuning (and its SFT-mixed / random / fixed baselines).
+
+        Args:
+            matching: ``hungarian`` (SSFT), ``random``, ``fixed`` or ``single`` (SFT-mixed).
+            match_prefix_tokens: trace tokens scored for the matching cost (unset = whole trace).
+            match_chunk_rows: rows per no-grad forward pass when computing the cost matrix.
+        """
+        super().__init__(**kwargs)
+        if matching not in MATCHING_MODES:
+            raise ValueError(f"model.matching must be one of {MATCHING_MODES}, got {matching!r}")
+        if match_prefix_tokens is not None and match_prefix_tokens < 1:
+            raise ValueError(f"model.match_prefix_tokens must be >= 1 or null, got {match_prefix_tokens}")
+        if match_chunk_rows < 1:
+            raise ValueError(f"model.match_chunk_rows must be >= 1, got {match_chunk_rows}")
+        self.save_hyperparameters()
+        self.last_assignments: list[tuple[list[str | None], list[int]]] = []  # (sources, tags) per question
+
+    @torch.no_grad()
+    def trace_tag_costs(self, batch: TraceSetBatch) -> list[np.ndarray]:
+        """Cost matrices ``C`` [N, M_b] of every question, from chunked no-grad forward passes."""
+        num_tags = len(self.fork_token_ids)
+        prompts, tags, traces, owners = [], [], [], []
+        for b, (prompt, question_traces) in enumerate(zip(batch.prompt_ids, batch.trace_ids)):
+            for tag_id in self.fork_token_ids:
+                for trace in question_traces:
+                    prompts.append(prompt)
+                    tags.append(tag_id)
+                    traces.append(trace)
+                owners.append(b)
+        was_training = self.model.training
+        self.model.eval()
+        costs = []
+        for start in range(0, len(prompts), self.hparams.match_chunk_rows):
+            chunk = slice(start, start + self.hparams.match_chunk_rows)
+            rows = assemble_rows(
+                prompts[chunk], tags[chunk], traces[chunk], self.tokenizer.pad_token_id, self.hparams.match_prefix_tokens
+            )
+            logits = self.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits  # [R, T, V]
+            costs.append(mean_row_nll(logits, rows.labels).float().cpu())  # [R]
+        self.model.train(was_training)
+        flat = torch.cat(costs).numpy()  # rows ordered [question, tag, trace]
+        matrices, offset = [], 0
+        for question_traces in batch.trace_ids:
+            size = num_tags * len(question_traces)
+            matrices.append(flat[offset : offset + size].reshape(num_tags, len(question_traces)))  # [N, M_b]
+            offset += size
+        return matrices
+
+    def match(self, batch: TraceSetBatch) -> list[np.ndarray]:
+        """Tag index of every trace, per question (the assignment sigma)."""
+        mode = self.hparams.matching
+        if mode in ("fixed", "single"):  # no cost needed
+            dummy = [np.zeros((len(self.fork_token_ids), len(t))) for t in batch.trace_ids]
+            return [match_traces_to_tags(cost, mode) for cost in dummy]
+        rng = np.random.default_rng((self.hparams.seed, self.global_step, self.global_rank))
+        if mode == "random":
+            dummy = [np.zeros((len(self.fork_token_ids), len(t))) for t in batch.trace_ids]
+            return [match_traces_to_tags(cost, mode, rng) for cost in dummy]
+        costs = self.trace_tag_costs(batch)
+        assignments = [match_traces_to_tags(cost, mode) for cost in costs]
+        gaps = [
+            (expected_random_cost(cost) - assignment_cost(cost, assignment)) / cost.shape[1]
+            for cost, assignment in zip(costs, assignments)
+        ]
+        self.log("train/match_cost_gap", float(np.mean(gaps)), batch_size=len(batch))
+        return assignments
+
+    def training_step(self, batch: TraceSetBatch, batch_idx: int) -> torch.Tensor:
+        started = time.perf_counter()
+        assignments = self.match(batch)
+        matched = time.perf_counter()
+        prompts, tags, traces = [], [], []
+        for prompt, question_traces, assignment in zip(batch.prompt_ids, batch.trace_ids, assignments):
+            for trace, tag in zip(question_traces, assignment):
+                prompts.append(prompt)
+                tags.append(self.fork_token_ids[tag])
+                traces.append(trace)
+        rows = assemble_rows(prompts, tags, traces, self.tokenizer.pad_token_id)  # [B*M, T]
+        logits = self.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits  # [B*M, T, V]
+        nll_sum, num_tokens = summed_nll(logits, rows.labels)
+        loss = nll_sum / num_tokens.clamp_min(1.0)
+
+        usage = np.bincount(np.concatenate(assignments), minlength=len(self.fork_token_ids))  # [N]
+        self.tag_coverage += torch.as_tensor(usage, dtype=self.tag_coverage.dtype, device=self.tag_coverage.device)
+        self.last_assignments = [(sources, a.tolist()) for sources, a in zip(batch.sources, assignments)]
+        size = len(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for tag, count in enumerate(usage):
+            self.log(f"fork/usage/tag{tag + 1}", float(count / usage.sum()), batch_size=size)
+        self.log("perf/step_s/match", matched - started, batch_size=size)
+        self.log("perf/supervised_tokens", num_tokens, batch_size=size, reduce_fx="sum")
+        return loss
