@@ -29,9 +29,9 @@ class ForkLightningCLI(LightningCLI):
         parser.link_arguments("model.init_args.end_token", "data.init_args.end_token")
 
 
-def main(args: list[str] | None = None) -> None:
-    """Console entry point; ``args`` replaces ``sys.argv[1:]`` (tests drive the CLI this way)."""
-    ForkLightningCLI(
+def build_cli(args: list[str] | None = None, run: bool = True) -> ForkLightningCLI:
+    """The CLI on ``args`` (default ``sys.argv[1:]``); ``run=False`` only instantiates (no subcommand)."""
+    return ForkLightningCLI(
         ForkModule,
         ForkDataModule,
         subclass_mode_model=True,
@@ -39,7 +39,13 @@ def main(args: list[str] | None = None) -> None:
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point; ``args`` replaces ``sys.argv[1:]`` (tests drive the CLI this way)."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

@@ -291,7 +291,8 @@ class ForkDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer, self.hparams.trust_remote_code)
         for split, records in self._read_splits().items():
-            self.datasets[split] = QuestionDataset(self._render(records, split), self.max_traces, self.hparams.seed)
+            max_traces = self.max_traces if split == "train" else None  # evaluation keeps every trace
+            self.datasets[split] = QuestionDataset(self._render(records, split), max_traces, self.hparams.seed)
         if not self.datasets["train"].questions and stage in (None, "fit"):
             raise ValueError("no training questions left after validation; check the data and data.on_bad_record")
         for line in self.reports:

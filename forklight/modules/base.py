@@ -41,9 +41,14 @@ class QuestionEvaluation:
 
 
 def build_causal_lm(
-    name_or_path: str | None, model_config: dict | None, vocab_size: int, dtype: str | None, trust_remote_code: bool
+    name_or_path: str | None,
+    model_config: dict | None,
+    tokenizer,
+    dtype: str | None,
+    trust_remote_code: bool,
 ):
-    """A pretrained HF causal LM from ``name_or_path``, or a fresh one from ``model_config``."""
+    """A pretrained HF causal LM from ``name_or_path``, or a fresh one from ``model_config``
+    (vocabulary and special token ids taken from ``tokenizer``)."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -54,7 +59,9 @@ def build_causal_lm(
         return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     config = dict(model_config)
     model_type = config.pop("model_type", "llama")
-    config.setdefault("vocab_size", vocab_size)
+    config.setdefault("vocab_size", len(tokenizer))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        config.setdefault(key, getattr(tokenizer, key))
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
     return model.to(torch_dtype) if torch_dtype is not None else model
 
@@ -137,6 +144,8 @@ class ForkModule(L.LightningModule):
 
     def _check_ranges(self) -> None:
         hp = self.hparams
+        if hp.num_fork_tokens < 1:
+            raise ValueError(f"model.num_fork_tokens must be >= 1, got {hp.num_fork_tokens}")
         if hp.name_or_path is None and hp.model_config is None:
             raise ValueError("set model.name_or_path (HF model id or dir) or model.model_config (fresh model)")
         if hp.dtype is not None and hp.dtype not in DTYPES:
@@ -162,7 +171,7 @@ class ForkModule(L.LightningModule):
         hp = self.hparams
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)
-            model = build_causal_lm(hp.name_or_path, hp.model_config, len(self.tokenizer), hp.dtype, hp.trust_remote_code)
+            model = build_causal_lm(hp.name_or_path, hp.model_config, self.tokenizer, hp.dtype, hp.trust_remote_code)
         if self._new_fork_token_ids:
             init_fork_embeddings(model, self._new_fork_token_ids, self._vocab_before_fork_tokens, hp.seed, hp.fork_init_noise)
         model.config.pad_token_id = self.tokenizer.pad_token_id

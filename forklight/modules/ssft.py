@@ -58,6 +58,7 @@ class SSFTModule(ForkModule):
             raise ValueError(f"model.match_chunk_rows must be >= 1, got {match_chunk_rows}")
         self.save_hyperparameters()
         self.last_assignments: list[tuple[list[str | None], list[int]]] = []  # (sources, tags) per question
+        self.last_match_cost_gap: float | None = None  # per trace: random-assignment cost - matched cost
 
     @torch.no_grad()
     def trace_tag_costs(self, batch: TraceSetBatch) -> list[np.ndarray]:
@@ -79,7 +80,7 @@ class SSFTModule(ForkModule):
             rows = assemble_rows(
                 prompts[chunk], tags[chunk], traces[chunk], self.tokenizer.pad_token_id, self.hparams.match_prefix_tokens
             )
-            logits = self.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits  # [R, T, V]
+            logits = self.model(input_ids=rows.input_ids).logits  # [R, T, V]; right padding needs no mask
             costs.append(mean_row_nll(logits, rows.labels).float().cpu())  # [R]
         self.model.train(was_training)
         flat = torch.cat(costs).numpy()  # rows ordered [question, tag, trace]
@@ -106,13 +107,11 @@ class SSFTModule(ForkModule):
             (expected_random_cost(cost) - assignment_cost(cost, assignment)) / cost.shape[1]
             for cost, assignment in zip(costs, assignments)
         ]
-        self.log("train/match_cost_gap", float(np.mean(gaps)), batch_size=len(batch))
+        self.last_match_cost_gap = float(np.mean(gaps))
         return assignments
 
-    def training_step(self, batch: TraceSetBatch, batch_idx: int) -> torch.Tensor:
-        started = time.perf_counter()
-        assignments = self.match(batch)
-        matched = time.perf_counter()
+    def matched_loss(self, batch: TraceSetBatch, assignments: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, supervised tokens): NTP loss of every trace after its matched tag (step 3)."""
         prompts, tags, traces = [], [], []
         for prompt, question_traces, assignment in zip(batch.prompt_ids, batch.trace_ids, assignments):
             for trace, tag in zip(question_traces, assignment):
@@ -120,9 +119,17 @@ class SSFTModule(ForkModule):
                 tags.append(self.fork_token_ids[tag])
                 traces.append(trace)
         rows = assemble_rows(prompts, tags, traces, self.tokenizer.pad_token_id)  # [B*M, T]
-        logits = self.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits  # [B*M, T, V]
+        # Rows are right-padded: under causal attention no real token sees a pad, and pads get no
+        # loss, so no attention mask is needed (the masked path is ~1.5x slower on CPU).
+        logits = self.model(input_ids=rows.input_ids).logits  # [B*M, T, V]
         nll_sum, num_tokens = summed_nll(logits, rows.labels)
-        loss = nll_sum / num_tokens.clamp_min(1.0)
+        return nll_sum / num_tokens.clamp_min(1.0), num_tokens
+
+    def training_step(self, batch: TraceSetBatch, batch_idx: int) -> torch.Tensor:
+        started = time.perf_counter()
+        assignments = self.match(batch)
+        matched = time.perf_counter()
+        loss, num_tokens = self.matched_loss(batch, assignments)
 
         usage = np.bincount(np.concatenate(assignments), minlength=len(self.fork_token_ids))  # [N]
         self.tag_coverage += torch.as_tensor(usage, dtype=self.tag_coverage.dtype, device=self.tag_coverage.device)
@@ -131,6 +138,8 @@ class SSFTModule(ForkModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         for tag, count in enumerate(usage):
             self.log(f"fork/usage/tag{tag + 1}", float(count / usage.sum()), batch_size=size)
+        if self.last_match_cost_gap is not None:
+            self.log("train/match_cost_gap", self.last_match_cost_gap, batch_size=size)
         self.log("perf/step_s/match", matched - started, batch_size=size)
         self.log("perf/supervised_tokens", num_tokens, batch_size=size, reduce_fx="sum")
         return loss

@@ -1,0 +1,142 @@
+"""SSFT's defining properties: optimal matching, invariance to trace order, fork-token setup."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from forklight.data.datamodule import ForkDataModule, ToyTask
+from forklight.data.rendering import TraceSetBatch
+from forklight.matching import assignment_cost
+
+
+def toy_batch(num_questions: int = 2) -> TraceSetBatch:
+    data = ForkDataModule(toy=ToyTask(num_train=16, num_val=1, num_test=1), batch_size=num_questions)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def permute_traces(batch: TraceSetBatch, orders: list[list[int]]) -> TraceSetBatch:
+    return TraceSetBatch(
+        ids=batch.ids,
+        prompt_ids=batch.prompt_ids,
+        trace_ids=[[traces[j] for j in order] for traces, order in zip(batch.trace_ids, orders)],
+        sources=[[sources[j] for j in order] for sources, order in zip(batch.sources, orders)],
+        answers=batch.answers,
+        columns=batch.columns,
+    )
+
+
+def test_module_matching_is_the_brute_force_optimum(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=5)
+    batch = toy_batch()
+    costs = module.trace_tag_costs(batch)
+    assert [c.shape for c in costs] == [(5, 4), (5, 4)]
+    assert len({round(float(v), 6) for v in costs[0].ravel()}) > 1  # perturbed fork rows break ties
+    for cost, assignment in zip(costs, module.match(batch)):
+        best = min(assignment_cost(cost, np.array(p)) for p in itertools.permutations(range(5), 4))
+        assert assignment_cost(cost, assignment) == pytest.approx(best)
+        assert len(set(assignment.tolist())) == 4
+
+
+def test_cost_is_the_mean_prefix_nll_of_each_tag_trace_pair(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=2, match_prefix_tokens=3)
+    batch = toy_batch(1)
+    cost = module.trace_tag_costs(batch)[0]
+    prompt, trace = batch.prompt_ids[0], batch.trace_ids[0][1]
+    ids = torch.cat([prompt, torch.tensor([module.fork_token_ids[1]]), trace[:3]]).unsqueeze(0)
+    with torch.no_grad():
+        log_probs = module.model(input_ids=ids).logits.log_softmax(-1)[0]
+    start = len(prompt)  # position of the tag predicts the first trace token
+    expected = -np.mean([log_probs[start + t, trace[t]].item() for t in range(3)])
+    assert cost[1, 1] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ssft_loss_does_not_depend_on_trace_order(tiny_ssft, seed):
+    module = tiny_ssft(num_fork_tokens=6, seed=seed)
+    batch = toy_batch()
+    rng = np.random.default_rng(seed)
+    shuffled = permute_traces(batch, [rng.permutation(len(t)).tolist() for t in batch.trace_ids])
+    losses, pairs = [], []
+    for version in (batch, shuffled):
+        assignments = module.match(version)
+        losses.append(module.matched_loss(version, assignments)[0].item())
+        pairs.append({(tuple(t.tolist()), int(tag)) for traces, a in zip(version.trace_ids, assignments)
+                      for t, tag in zip(traces, a)})
+    assert pairs[0] == pairs[1]  # the same trace gets the same tag
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_fixed_matching_depends_on_order_and_single_uses_one_tag(tiny_ssft):
+    batch = toy_batch()
+    fixed = tiny_ssft(matching="fixed")
+    assert [a.tolist() for a in fixed.match(batch)] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    single = tiny_ssft(matching="single", num_fork_tokens=1)
+    assert [a.tolist() for a in single.match(batch)] == [[0, 0, 0, 0], [0, 0, 0, 0]]
+    random_module = tiny_ssft(matching="random")
+    assignment = random_module.match(batch)[0]
+    assert len(set(assignment.tolist())) == 4
+
+
+def test_loss_gradient_reaches_only_matched_tag_rows(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=6)
+    batch = toy_batch(1)
+    assignments = module.match(batch)
+    loss, _ = module.matched_loss(batch, assignments)
+    loss.backward()
+    grad = module.model.get_input_embeddings().weight.grad
+    used = {module.fork_token_ids[t] for t in assignments[0].tolist()}
+    for tag_id in module.fork_token_ids:
+        assert (grad[tag_id].abs().sum() > 0) == (tag_id in used)
+
+
+def test_fork_embeddings_are_mean_plus_small_distinct_noise(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=4)
+    for weight in (module.model.get_input_embeddings().weight, module.model.get_output_embeddings().weight):
+        old = weight[: module._vocab_before_fork_tokens].detach()
+        rows = weight[module.fork_token_ids].detach()
+        assert torch.allclose(rows.mean(0), old.mean(0), atol=3 * old.std(0).mean().item())
+        assert torch.cdist(rows, rows).triu(1).max() > 0 and (torch.cdist(rows, rows) + torch.eye(4)).min() > 0
+        assert (rows - old.mean(0)).norm(dim=1).max() < old.norm(dim=1).mean()  # small, not a random row
+    again = tiny_ssft(num_fork_tokens=4)
+    assert torch.equal(again.model.get_input_embeddings().weight, module.model.get_input_embeddings().weight)
+
+
+def test_tied_embeddings_are_initialised_once(tiny_ssft):
+    from forklight.modules.ssft import SSFTModule
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    module = SSFTModule(model_config={**TINY_MODEL_CONFIG, "tie_word_embeddings": True}, tokenizer="toy")
+    module.configure_model()
+    assert module.model.get_output_embeddings().weight.data_ptr() == module.model.get_input_embeddings().weight.data_ptr()
+    assert module.model.get_input_embeddings().weight.shape[0] == len(module.tokenizer)
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [({"matching": "greedy"}, "model.matching"), ({"num_fork_tokens": 0}, "model.num_fork_tokens"),
+     ({"fork_token_format": "<t>"}, "model.fork_token_format"), ({"match_prefix_tokens": 0}, "model.match_prefix_tokens"),
+     ({"fork_policy": "best"}, "model.fork_policy"), ({"fork_token_format": "{i}"}, "already exist as ordinary tokens")],
+)
+def test_bad_module_arguments_name_the_config_key(tiny_ssft, kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        tiny_ssft(**kwargs)
+
+
+def test_right_padded_rows_need_no_attention_mask(tiny_ssft):
+    from forklight.data.rendering import assemble_rows
+    from forklight.losses import summed_nll
+
+    module = tiny_ssft()
+    batch = toy_batch(2)
+    prompts = [p for p, traces in zip(batch.prompt_ids, batch.trace_ids) for _ in traces]
+    traces = [t for traces in batch.trace_ids for t in traces]
+    rows = assemble_rows(prompts, [module.fork_token_ids[0]] * len(traces), traces, module.tokenizer.pad_token_id)
+    with torch.no_grad():
+        masked = summed_nll(module.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits, rows.labels)
+        unmasked = summed_nll(module.model(input_ids=rows.input_ids).logits, rows.labels)
+    assert masked[1] == unmasked[1] and masked[0].item() == pytest.approx(unmasked[0].item(), rel=1e-5)
