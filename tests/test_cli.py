@@ -53,6 +53,11 @@ def test_fit_then_test_then_export_reloads_with_plain_transformers(tmp_path):
     assert checkpoint.exists()
 
     main(["test", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), f"--ckpt_path={checkpoint}"])
+    main(["predict", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), f"--ckpt_path={checkpoint}"])
+    predictions = [json.loads(line) for line in (tmp_path / "ssft" / "version_2" / "predictions.jsonl").open()]
+    assert len(predictions) == 4 * 6  # 4 test questions x 6 tags x 1 sample
+    assert {p["tag"] for p in predictions} == set(metadata["fork_tokens"])
+    assert all(p["score"] in (0.0, 1.0) and isinstance(p["completion"], str) for p in predictions)
 
     script = f"""
 import sys, json, torch

@@ -19,13 +19,18 @@ def test_every_question_has_one_correct_trace_per_strategy():
         for trace in record.traces:
             assert trace.text.endswith(f"so {total}")
             assert classify_strategy(trace.text) == trace.source
-            for left, right in re.findall(r"([\d+]+)=(\d+)", trace.text):  # every step is true arithmetic
-                assert sum(int(x) for x in left.split("+")) == int(right)
+            for chain in re.findall(r"[\d+=]*=[\d+=]*", trace.text):  # every step is true arithmetic
+                parts = chain.split("=")
+                value = sum(int(x) for x in parts[0].split("+"))
+                for part in parts[1:]:
+                    numbers = [int(x) for x in part.split("+")]
+                    assert numbers[0] == value, trace.text
+                    value = sum(numbers)
 
 
 def test_carries_are_written_and_generation_is_seeded():
-    assert render_trace([47, 38, 26], "column") == "units 7+8+6=21 carry 2. tens 4+3+2+2=11. so 111"
-    assert render_trace([47, 38, 26], "split") == "tens 40+30+20=90. units 7+8+6=21. 90+21=111. so 111"
+    assert render_trace([47, 38, 26], "column") == "units 7+8=15+6=21 carry 2. tens 4+3=7+2=9+2=11. so 111"
+    assert render_trace([47, 38, 26], "split") == "tens 40+30=70+20=90. units 7+8=15+6=21. 90+21=111. so 111"
     assert render_trace([47, 38, 26], "running") == "47+38=85. 85+26=111. so 111"
     assert [r.prompt for r in generate_toy_records(5, 1)] == [r.prompt for r in generate_toy_records(5, 1)]
     assert [r.prompt for r in generate_toy_records(5, 1)] != [r.prompt for r in generate_toy_records(5, 2)]

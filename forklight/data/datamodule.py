@@ -130,6 +130,7 @@ class ForkDataModule(L.LightningDataModule):
         train: str | None = None,
         val: str | None = None,
         test: str | None = None,
+        predict: str | None = None,
         toy: ToyTask | None = None,
         tokenizer: str = TOY_TOKENIZER,
         num_fork_tokens: int = 6,
@@ -156,6 +157,7 @@ class ForkDataModule(L.LightningDataModule):
             train: training data: a .jsonl/.json/.parquet file, a local dir or a ``datasets`` name.
             val: validation data (same formats); if unset, ``val_size`` questions are split off ``train``.
             test: test data (same formats); if unset, ``test_size`` questions are split off ``train``.
+            predict: questions for ``forklight predict`` (same formats); default the test split.
             toy: use the embedded toy arithmetic task instead of files.
             tokenizer: tokenizer name or path (linked from ``model.tokenizer``); ``toy`` = character tokenizer.
             num_fork_tokens: number of forking tokens (linked from the model).
@@ -219,6 +221,8 @@ class ForkDataModule(L.LightningDataModule):
                 "test": records[toy.num_train + toy.num_val :],
             }
         splits = {"train": self._read(self.hparams.train)}
+        if self.hparams.predict is not None:
+            splits["predict"] = self._read(self.hparams.predict)
         rng = np.random.default_rng(self.hparams.seed)
         for name, size in (("val", self.hparams.val_size), ("test", self.hparams.test_size)):
             given = self.hparams[name]
@@ -324,3 +328,6 @@ class ForkDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict" if "predict" in self.datasets else "test")

@@ -3,10 +3,13 @@
 Every question is a sum of 2-3 (configurable) numbers of two or more digits, with carries,
 and comes with one correct trace per strategy, each with a recognisable shape:
 
-- ``column``:  ``units 7+8+6=21 carry 2. tens 4+3+2+2=11. so 111``
+- ``column``:  ``units 7+8=15+6=21 carry 2. tens 4+3=7+2=9+2=11. so 111``
 - ``running``: ``47+38=85. 85+26=111. so 111``
-- ``split``:   ``tens 40+30+20=90. units 7+8+6=21. 90+21=111. so 111``
+- ``split``:   ``tens 40+30=70+20=90. units 7+8=15+6=21. 90+21=111. so 111``
 - ``direct``:  ``so 111``
+
+Column sums are written as chains of two-operand additions (``7+8=15+6=21``): a tiny model
+learns one-digit additions far faster than three- or four-operand ones in a single token.
 
 The strategies play the role of the paper's different teachers: SSFT should give each
 strategy its own forking token, random matching should mix them (mode collapse), and
@@ -39,6 +42,15 @@ def _digit(number: int, place: int) -> int:
     return (number // 10**place) % 10
 
 
+def _chain(parts: list[int]) -> str:
+    """``[7, 8, 6]`` -> ``"7+8=15+6=21"``: running two-operand sums."""
+    text, total = str(parts[0]), parts[0]
+    for part in parts[1:]:
+        total += part
+        text += f"+{part}={total}"
+    return text
+
+
 def render_trace(terms: list[int], strategy: str) -> str:
     """The trace of ``strategy`` for the sum of ``terms`` (see the module docstring)."""
     total = sum(terms)
@@ -56,7 +68,7 @@ def render_trace(terms: list[int], strategy: str) -> str:
         for place in range(places):
             digits = [_digit(term, place) for term in terms] + ([carry] if carry else [])
             column_sum = sum(digits)
-            step = f"{COLUMN_NAMES[place]} {'+'.join(map(str, digits))}={column_sum}"
+            step = f"{COLUMN_NAMES[place]} {_chain(digits)}"
             carry = column_sum // 10
             if place < places - 1 and carry:
                 step += f" carry {carry}"
@@ -67,7 +79,7 @@ def render_trace(terms: list[int], strategy: str) -> str:
         for place in reversed(range(places)):
             parts = [_digit(term, place) * 10**place for term in terms]
             partials.append(sum(parts))
-            steps.append(f"{COLUMN_NAMES[place]} {'+'.join(map(str, parts))}={sum(parts)}.")
+            steps.append(f"{COLUMN_NAMES[place]} {_chain(parts)}.")
         steps.append(f"{'+'.join(map(str, partials))}={total}.")
         return " ".join(steps) + f" so {total}"
     raise ValueError(f"unknown toy strategy {strategy!r}; choose from {STRATEGIES}")
@@ -76,8 +88,8 @@ def render_trace(terms: list[int], strategy: str) -> str:
 _STRATEGY_PATTERNS = {
     "direct": re.compile(r"^so \d+$"),
     "running": re.compile(r"^(\d+\+\d+=\d+\. )+so \d+$"),
-    "column": re.compile(r"^units [\d+]+=\d+( carry \d+)?\. (\w+ [\d+]+=\d+( carry \d+)?\. )*so \d+$"),
-    "split": re.compile(r"^(\w+ [\d+]+=\d+\. )+[\d+]+=\d+\. so \d+$"),
+    "column": re.compile(r"^units [\d+=]+=\d+( carry \d+)?\. (\w+ [\d+=]+=\d+( carry \d+)?\. )*so \d+$"),
+    "split": re.compile(r"^(\w+ [\d+=]+=\d+\. )+\d+(\+\d+)+=\d+\. so \d+$"),
 }
 
 

@@ -270,6 +270,20 @@ class ForkModule(L.LightningModule):
     def test_step(self, batch: TraceSetBatch, batch_idx: int) -> None:
         self._evaluations.extend(self.evaluate_batch(batch))
 
+    def predict_step(self, batch: TraceSetBatch, batch_idx: int) -> list[dict]:
+        """One row per (question, tag, sample): the completion, its tag and the verifier's score."""
+        rows = []
+        for evaluation in self.evaluate_batch(batch):
+            for tag, name in enumerate(self.fork_tokens):
+                for sample, text in enumerate(evaluation.texts[tag]):
+                    rows.append({
+                        "id": evaluation.id, "tag": name, "sample": sample, "completion": text,
+                        "answer": evaluation.answers[tag][sample], "gold": evaluation.answer,
+                        "score": evaluation.scores[tag][sample], "length": evaluation.lengths[tag][sample],
+                        "default_tag": tag == self.default_tag,
+                    })
+        return rows
+
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
 
