@@ -217,10 +217,11 @@ class ForkModule(L.LightningModule):
         }
 
     # ---- evaluation (DESIGN.md §2) ---------------------------------------------------------
-    def _sampling_seed(self) -> int:
-        return self.hparams.seed * 1_000_003 + self.global_step * 997 + self.global_rank
+    def _sampling_seed(self, batch_idx: int) -> int:
+        """Reproducible from the seed; differs per step, batch and rank."""
+        return (self.hparams.seed * 1_000_003 + self.global_step * 7919 + batch_idx * 131 + self.global_rank) % 2**63
 
-    def evaluate_batch(self, batch: TraceSetBatch) -> list[QuestionEvaluation]:
+    def evaluate_batch(self, batch: TraceSetBatch, batch_idx: int = 0) -> list[QuestionEvaluation]:
         """Sample ``n_per_tag`` completions per (question, tag) and score them."""
         hp = self.hparams
         num_tags, n = len(self.fork_token_ids), hp.n_per_tag
@@ -229,7 +230,7 @@ class ForkModule(L.LightningModule):
         ]  # ordered [question, tag, sample]
         device = self.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self._sampling_seed())
+            torch.manual_seed(self._sampling_seed(batch_idx))
             completions = generate_completions(
                 self.model, self.tokenizer, prefixes, self.stop_ids, hp.max_new_tokens,
                 hp.eval_temperature, hp.eval_top_p, hp.generation_batch_size,
@@ -265,15 +266,15 @@ class ForkModule(L.LightningModule):
         return results
 
     def validation_step(self, batch: TraceSetBatch, batch_idx: int) -> None:
-        self._evaluations.extend(self.evaluate_batch(batch))
+        self._evaluations.extend(self.evaluate_batch(batch, batch_idx))
 
     def test_step(self, batch: TraceSetBatch, batch_idx: int) -> None:
-        self._evaluations.extend(self.evaluate_batch(batch))
+        self._evaluations.extend(self.evaluate_batch(batch, batch_idx))
 
     def predict_step(self, batch: TraceSetBatch, batch_idx: int) -> list[dict]:
         """One row per (question, tag, sample): the completion, its tag and the verifier's score."""
         rows = []
-        for evaluation in self.evaluate_batch(batch):
+        for evaluation in self.evaluate_batch(batch, batch_idx):
             for tag, name in enumerate(self.fork_tokens):
                 for sample, text in enumerate(evaluation.texts[tag]):
                     rows.append({

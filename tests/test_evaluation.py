@@ -1,0 +1,46 @@
+"""The shared evaluation loop's aggregation: per-tag pass@1, pass@k, cons@N, policies, purity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forklight.modules.base import QuestionEvaluation
+
+
+def evaluation(qid, answer, scores, answers, strategies):
+    return QuestionEvaluation(
+        id=qid, answer=answer, scores=scores, answers=answers,
+        lengths=[[len(a or "")] * len(a_row) for a_row, a in zip(answers, [row[0] for row in answers])],
+        texts=[[f"so {a}" for a in row] for row in answers], strategies=strategies,
+    )
+
+
+def test_metrics_by_hand(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=3, strategy_classifier="forklight.data.toy:classify_strategy")
+    module.tag_coverage.copy_(torch.tensor([1.0, 5.0, 0.0]))  # default tag = tag 2; tag 3 unused
+    evaluations = [
+        # tag answers 5, 5, 7 -> majority 5 (correct); tags 1 and 2 correct
+        evaluation("a", "5", [[1.0], [1.0], [0.0]], [["5"], ["5"], ["7"]], [["column"], ["running"], [None]]),
+        # tag answers 1, 2, 9 -> no majority, first answer 1 wins (wrong); only tag 3 correct
+        evaluation("b", "9", [[0.0], [0.0], [1.0]], [["1"], ["2"], ["9"]], [["column"], ["split"], [None]]),
+    ]
+    metrics = module.evaluation_metrics(evaluations)
+    assert metrics["tag1/pass@1"] == 0.5 and metrics["tag2/pass@1"] == 0.5 and metrics["tag3/pass@1"] == 0.5
+    assert metrics["pass@k"] == 1.0  # k = 3 samples per question: each question has a correct one
+    assert metrics["cons@N"] == 0.5
+    assert metrics["pass@1/coverage"] == metrics["tag2/pass@1"]
+    assert metrics["pass@1"] == metrics["pass@1/coverage"]
+    assert metrics["pass@1/uniform"] == pytest.approx(0.5)
+    assert metrics["tag1/purity"] == 1.0 and metrics["tag2/purity"] == 0.5 and metrics["tag3/purity"] == 0.0
+    assert module.used_tags() == [0, 1]
+    assert metrics["purity"] == pytest.approx(0.75)  # mean over used tags only
+
+
+def test_pass_at_k_with_k_below_the_sample_count(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=2, n_per_tag=2, pass_k=1)
+    evaluations = [evaluation("a", "5", [[1.0, 0.0], [0.0, 0.0]], [["5", "4"], ["3", "3"]], [])]
+    metrics = module.evaluation_metrics(evaluations)
+    assert metrics["pass@k"] == pytest.approx(0.25)  # 1 of 4 samples correct, k = 1
+    assert metrics["cons@N"] == pytest.approx(0.25)  # k=1 votes, round by round: (5) (3) (4) (3)
+    assert "purity" not in metrics
