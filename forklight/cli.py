@@ -7,10 +7,18 @@ overlays; the resolved config is saved in the run directory.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from forklight.data.datamodule import ForkDataModule
 from forklight.modules.base import ForkModule
+
+
+# What a checkpoint fixes about its model; everything else (evaluation, optimiser) comes from
+# the config and the command line, so `forklight test --ckpt_path X --model.init_args.eval_temperature=0.7` works.
+CHECKPOINT_MODEL_KEYS = ("name_or_path", "model_config", "tokenizer", "num_fork_tokens", "fork_token_format", "end_token")
 
 
 def _tokenizer_name(tokenizer: str | None, name_or_path: str | None) -> str:
@@ -27,6 +35,20 @@ class ForkLightningCLI(LightningCLI):
         parser.link_arguments("model.init_args.num_fork_tokens", "data.init_args.num_fork_tokens")
         parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
         parser.link_arguments("model.init_args.end_token", "data.init_args.end_token")
+
+    def _parse_ckpt_path(self) -> None:
+        """Take the model's identity from ``--ckpt_path`` (Lightning's default would also overwrite
+        every other hyperparameter given on the command line with the checkpoint's)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        model = self.config[subcommand]["model"]
+        identity = {key: saved[key] for key in CHECKPOINT_MODEL_KEYS if key in saved}
+        if identity and getattr(model, "class_path", None):
+            update = {subcommand: {"model": {"class_path": model.class_path, "init_args": identity}}}
+            self.config = self.parser.parse_object(update, self.config)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> ForkLightningCLI:

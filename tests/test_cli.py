@@ -53,7 +53,10 @@ def test_fit_then_test_then_export_reloads_with_plain_transformers(tmp_path):
     assert checkpoint.exists()
 
     main(["test", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), f"--ckpt_path={checkpoint}"])
-    main(["predict", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), f"--ckpt_path={checkpoint}"])
+    cli = build_cli(["predict", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), f"--ckpt_path={checkpoint}",
+                     "--model.init_args.num_fork_tokens=2", "--model.init_args.eval_temperature=0.5"])
+    assert cli.model.hparams.eval_temperature == 0.5  # evaluation options come from the command line,
+    assert len(cli.model.fork_token_ids) == 6  # the model's identity from the checkpoint
     predictions = [json.loads(line) for line in (tmp_path / "ssft" / "version_2" / "predictions.jsonl").open()]
     assert len(predictions) == 4 * 6  # 4 test questions x 6 tags x 1 sample
     assert {p["tag"] for p in predictions} == set(metadata["fork_tokens"])
