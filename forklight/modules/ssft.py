@@ -64,14 +64,13 @@ class SSFTModule(ForkModule):
     def trace_tag_costs(self, batch: TraceSetBatch) -> list[np.ndarray]:
         """Cost matrices ``C`` [N, M_b] of every question, from chunked no-grad forward passes."""
         num_tags = len(self.fork_token_ids)
-        prompts, tags, traces, owners = [], [], [], []
-        for b, (prompt, question_traces) in enumerate(zip(batch.prompt_ids, batch.trace_ids)):
+        prompts, tags, traces = [], [], []
+        for prompt, question_traces in zip(batch.prompt_ids, batch.trace_ids):
             for tag_id in self.fork_token_ids:
                 for trace in question_traces:
                     prompts.append(prompt)
                     tags.append(tag_id)
                     traces.append(trace)
-                owners.append(b)
         was_training = self.model.training
         self.model.eval()
         costs = []
@@ -94,13 +93,10 @@ class SSFTModule(ForkModule):
     def match(self, batch: TraceSetBatch) -> list[np.ndarray]:
         """Tag index of every trace, per question (the assignment sigma)."""
         mode = self.hparams.matching
-        if mode in ("fixed", "single"):  # no cost needed
-            dummy = [np.zeros((len(self.fork_token_ids), len(t))) for t in batch.trace_ids]
-            return [match_traces_to_tags(cost, mode) for cost in dummy]
-        rng = np.random.default_rng((self.hparams.seed, self.global_step, self.global_rank))
-        if mode == "random":
-            dummy = [np.zeros((len(self.fork_token_ids), len(t))) for t in batch.trace_ids]
-            return [match_traces_to_tags(cost, mode, rng) for cost in dummy]
+        if mode != "hungarian":  # random, fixed and single need no cost: skip its forward passes
+            rng = np.random.default_rng((self.hparams.seed, self.global_step, self.global_rank))
+            shapes = [np.zeros((len(self.fork_token_ids), len(t))) for t in batch.trace_ids]  # [N, M_b]
+            return [match_traces_to_tags(shape, mode, rng) for shape in shapes]
         costs = self.trace_tag_costs(batch)
         assignments = [match_traces_to_tags(cost, mode) for cost in costs]
         gaps = [
