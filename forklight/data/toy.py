@@ -16,7 +16,8 @@ strategy its own forking token, random matching should mix them (mode collapse),
 :func:`classify_strategy` measures which strategy a generated trace follows ("purity").
 
 Also here: a character-level tokenizer with a chat template (a plain ``tokenizers`` object,
-so an export loads with ``AutoTokenizer`` without forklight) and a tiny Llama-style config.
+so an export loads with ``AutoTokenizer`` without forklight). The toy model itself is built from
+``model.model_config`` in ``configs/ssft.yaml``.
 """
 
 from __future__ import annotations
@@ -165,23 +166,3 @@ def build_toy_tokenizer():
     )
     tokenizer.chat_template = TOY_CHAT_TEMPLATE
     return tokenizer
-
-
-def toy_model_config(
-    hidden_size: int = 192,
-    num_hidden_layers: int = 4,
-    num_attention_heads: int = 6,
-    intermediate_size: int = 512,
-    max_position_embeddings: int = 256,
-) -> dict:
-    """Keyword arguments of a tiny ``LlamaConfig`` for the toy task (vocab size set by the loader)."""
-    return dict(
-        model_type="llama",
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
-    )
