@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forklight.modules.base import QuestionEvaluation
+from forklight.evaluation import QuestionEvaluation
 
 
 def evaluation(qid, answer, scores, answers, strategies):

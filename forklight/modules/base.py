@@ -10,34 +10,19 @@ subclass it and add their ``training_step``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from forklight.data.rendering import TOY_TOKENIZER, TraceSetBatch, end_of_turn_id, load_tokenizer
+from forklight.evaluation import QuestionEvaluation, evaluation_metrics, used_tags
 from forklight.forking import add_fork_tokens, fork_token_names, init_fork_embeddings
-from forklight.metrics import cons_at_k, distinctness, pass_at_k, strategy_purity
 from forklight.rewards import resolve_callable, resolve_verifier
 from forklight.rollout import generate_completions
 
 FORK_POLICIES = ("coverage", "fixed", "uniform")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class QuestionEvaluation:
-    """Evaluation samples of one question: ``n_per_tag`` per tag, indexed [tag][sample]."""
-
-    id: str
-    answer: str | None
-    scores: list[list[float | None]]  # [N][n] verifier scores (None = not scorable)
-    answers: list[list[str | None]]  # [N][n] extracted answers, for majority voting
-    lengths: list[list[int]]  # [N][n] generated tokens
-    texts: list[list[str]]  # [N][n]
-    strategies: list[list[str | None]] = field(default_factory=list)  # [N][n] if a classifier is set
 
 
 def build_causal_lm(
@@ -307,51 +292,20 @@ class ForkModule(L.LightningModule):
     def evaluation_metrics(self, evaluations: list[QuestionEvaluation]) -> dict[str, float]:
         """Per-tag and overall metrics of DESIGN.md §2 (keys without the ``val/`` prefix)."""
         hp = self.hparams
-        num_tags, n = len(self.fork_token_ids), hp.n_per_tag
-        k = hp.pass_k or num_tags * n
-        metrics: dict[str, float] = {}
-        tag_pass = []
-        for tag in range(num_tags):
-            scored = [s for e in evaluations for s in e.scores[tag] if s is not None]
-            tag_pass.append(float(np.mean(scored)) if scored else 0.0)
-            metrics[f"tag{tag + 1}/pass@1"] = tag_pass[-1]
-            metrics[f"tag{tag + 1}/len"] = float(np.mean([length for e in evaluations for length in e.lengths[tag]]))
-        pass_k, cons = [], []
-        for e in evaluations:
-            flat = [s for row in e.scores for s in row if s is not None]
-            if flat and len(flat) >= k:
-                pass_k.append(pass_at_k(len(flat), int(sum(s > 0.5 for s in flat)), k))
-            if e.answer is not None:
-                voted = [e.answers[tag][sample] for sample in range(n) for tag in range(num_tags)]  # one per tag, round by round
-                gold = self.extract_answer(e.answer)
-                cons.append(cons_at_k(voted, gold, k) if gold is not None else 0.0)
-        metrics["pass@k"] = float(np.mean(pass_k)) if pass_k else 0.0
-        metrics["cons@N"] = float(np.mean(cons)) if cons else 0.0
-        metrics["pass@1/coverage"] = tag_pass[self.default_tag]
-        metrics["pass@1/fixed"] = tag_pass[hp.fixed_tag]
-        metrics["pass@1/uniform"] = float(np.mean(tag_pass))
-        metrics["pass@1/best_tag"] = max(tag_pass)
-        metrics["pass@1"] = metrics[f"pass@1/{hp.fork_policy}"]
-        metrics["len"] = float(np.mean([length for e in evaluations for row in e.lengths for length in row]))
-        metrics["distinctness"] = float(np.mean([distinctness(e.texts) for e in evaluations]))
-        if self.classify_strategy is not None:
-            used = self.used_tags()
-            purities = []
-            for tag in range(num_tags):
-                labels = [label for e in evaluations for label in e.strategies[tag]]
-                metrics[f"tag{tag + 1}/purity"] = strategy_purity(labels)
-                if tag in used:
-                    purities.append(metrics[f"tag{tag + 1}/purity"])
-            metrics["purity"] = float(np.mean(purities))
-        return metrics
+        return evaluation_metrics(
+            evaluations,
+            num_tags=len(self.fork_token_ids),
+            n_per_tag=hp.n_per_tag,
+            k=hp.pass_k or len(self.fork_token_ids) * hp.n_per_tag,
+            extract_answer=self.extract_answer,
+            policy_tags={"coverage": self.default_tag, "fixed": hp.fixed_tag},
+            fork_policy=hp.fork_policy,
+            purity_tags=self.used_tags() if self.classify_strategy is not None else None,
+        )
 
     def used_tags(self) -> list[int]:
         """Tags with at least half a uniform share of the training traces (all tags before training)."""
-        coverage = self.tag_coverage
-        if coverage.sum() == 0:
-            return list(range(len(coverage)))
-        share = coverage / coverage.sum()
-        return [tag for tag in range(len(coverage)) if share[tag] >= 0.5 / len(coverage)]
+        return used_tags(self.tag_coverage.tolist())
 
     def _log_evaluation(self, stage: str) -> None:
         evaluations = self._gather_evaluations()

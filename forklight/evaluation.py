@@ -1,0 +1,85 @@
+"""Evaluation aggregation (DESIGN.md §2): per-question samples to per-tag and overall metrics.
+
+Pure and Lightning-free; :class:`forklight.modules.base.ForkModule` samples the completions
+and calls :func:`evaluation_metrics` with its settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from forklight.metrics import cons_at_k, distinctness, pass_at_k, strategy_purity
+
+
+@dataclass
+class QuestionEvaluation:
+    """Evaluation samples of one question: ``n_per_tag`` per tag, indexed [tag][sample]."""
+
+    id: str
+    answer: str | None
+    scores: list[list[float | None]]  # [N][n] verifier scores (None = not scorable)
+    answers: list[list[str | None]]  # [N][n] extracted answers, for majority voting
+    lengths: list[list[int]]  # [N][n] generated tokens
+    texts: list[list[str]]  # [N][n]
+    strategies: list[list[str | None]] = field(default_factory=list)  # [N][n] if a classifier is set
+
+
+def used_tags(coverage: list[float]) -> list[int]:
+    """Tags with at least half a uniform share of the training traces (all tags before training)."""
+    total = sum(coverage)
+    if total == 0:
+        return list(range(len(coverage)))
+    return [tag for tag, count in enumerate(coverage) if count / total >= 0.5 / len(coverage)]
+
+
+def evaluation_metrics(
+    evaluations: list[QuestionEvaluation],
+    num_tags: int,
+    n_per_tag: int,
+    k: int,
+    extract_answer: Callable[[str], str | None],
+    policy_tags: dict[str, int],
+    fork_policy: str,
+    purity_tags: list[int] | None = None,
+) -> dict[str, float]:
+    """Per-tag pass@1/len(/purity), pass@k, cons@N, single-shot pass@1 per policy, distinctness.
+
+    ``policy_tags`` maps the tag-picking policies (``coverage``, ``fixed``) to their tag;
+    ``uniform`` and ``best_tag`` are computed from all tags. ``purity_tags`` (the tags trained on)
+    enables purity, averaged over them; leave it None when there is no strategy classifier.
+    """
+    n = n_per_tag
+    metrics: dict[str, float] = {}
+    tag_pass = []
+    for tag in range(num_tags):
+        scored = [s for e in evaluations for s in e.scores[tag] if s is not None]
+        tag_pass.append(float(np.mean(scored)) if scored else 0.0)
+        metrics[f"tag{tag + 1}/pass@1"] = tag_pass[-1]
+        metrics[f"tag{tag + 1}/len"] = float(np.mean([length for e in evaluations for length in e.lengths[tag]]))
+    pass_k, cons = [], []
+    for e in evaluations:
+        flat = [s for row in e.scores for s in row if s is not None]
+        if flat and len(flat) >= k:
+            pass_k.append(pass_at_k(len(flat), int(sum(s > 0.5 for s in flat)), k))
+        if e.answer is not None:
+            voted = [e.answers[tag][sample] for sample in range(n) for tag in range(num_tags)]  # one per tag, round by round
+            gold = extract_answer(e.answer)
+            cons.append(cons_at_k(voted, gold, k) if gold is not None else 0.0)
+    metrics["pass@k"] = float(np.mean(pass_k)) if pass_k else 0.0
+    metrics["cons@N"] = float(np.mean(cons)) if cons else 0.0
+    for policy, tag in policy_tags.items():
+        metrics[f"pass@1/{policy}"] = tag_pass[tag]
+    metrics["pass@1/uniform"] = float(np.mean(tag_pass))
+    metrics["pass@1/best_tag"] = max(tag_pass)
+    metrics["pass@1"] = metrics[f"pass@1/{fork_policy}"]
+    metrics["len"] = float(np.mean([length for e in evaluations for row in e.lengths for length in row]))
+    metrics["distinctness"] = float(np.mean([distinctness(e.texts) for e in evaluations]))
+    if purity_tags is not None:
+        for tag in range(num_tags):
+            labels = [label for e in evaluations for label in e.strategies[tag]]
+            metrics[f"tag{tag + 1}/purity"] = strategy_purity(labels)
+        metrics["purity"] = float(np.mean([metrics[f"tag{tag + 1}/purity"] for tag in purity_tags]))
+    return metrics
