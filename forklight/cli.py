@@ -43,7 +43,8 @@ class ForkLightningCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        # mmap: only the hyperparameters are read here; Lightning loads the weights when it restores.
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
         model = self.config[subcommand]["model"]
         identity = {key: saved[key] for key in CHECKPOINT_MODEL_KEYS if key in saved}
         if identity and getattr(model, "class_path", None):
