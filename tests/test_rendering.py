@@ -87,3 +87,12 @@ def test_bad_arguments_name_the_config_key():
         ForkDataModule()
     with pytest.raises(ValueError, match="data.batch_size"):
         ForkDataModule(toy=ToyTask(), batch_size=0)
+
+
+def test_predict_file_is_read_alongside_the_toy_task(tmp_path):
+    path = tmp_path / "ask.jsonl"
+    path.write_text(json.dumps({"id": "p1", "prompt": "12+30", "answer": "42", "traces": ["so 42"]}) + "\n")
+    data = ForkDataModule(toy=ToyTask(num_train=8, num_val=1, num_test=1), predict=str(path))
+    data.setup("predict")
+    batch = next(iter(data.predict_dataloader()))
+    assert batch.ids == ["p1"] and batch.answers == ["42"]

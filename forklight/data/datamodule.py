@@ -206,23 +206,26 @@ class ForkDataModule(L.LightningDataModule):
         return records
 
     def _read_splits(self) -> dict[str, list[QuestionRecord]]:
-        if self.toy is not None:
-            from forklight.data.toy import generate_toy_records
-
-            toy = self.toy
-            total = toy.num_train + toy.num_val + toy.num_test
-            records = generate_toy_records(
-                total, toy.seed, toy.min_terms, toy.max_terms, toy.min_digits, toy.max_digits
-            )
-            self.reports.append(f"toy task: {toy.num_train} train, {toy.num_val} val, {toy.num_test} test questions")
-            return {
-                "train": records[: toy.num_train],
-                "val": records[toy.num_train : toy.num_train + toy.num_val],
-                "test": records[toy.num_train + toy.num_val :],
-            }
-        splits = {"train": self._read(self.hparams.train)}
-        if self.hparams.predict is not None:
+        splits = self._read_toy_splits() if self.toy is not None else self._read_file_splits()
+        if self.hparams.predict is not None:  # a predict file works with the toy task too
             splits["predict"] = self._read(self.hparams.predict)
+        return splits
+
+    def _read_toy_splits(self) -> dict[str, list[QuestionRecord]]:
+        from forklight.data.toy import generate_toy_records
+
+        toy = self.toy
+        total = toy.num_train + toy.num_val + toy.num_test
+        records = generate_toy_records(total, toy.seed, toy.min_terms, toy.max_terms, toy.min_digits, toy.max_digits)
+        self.reports.append(f"toy task: {toy.num_train} train, {toy.num_val} val, {toy.num_test} test questions")
+        return {
+            "train": records[: toy.num_train],
+            "val": records[toy.num_train : toy.num_train + toy.num_val],
+            "test": records[toy.num_train + toy.num_val :],
+        }
+
+    def _read_file_splits(self) -> dict[str, list[QuestionRecord]]:
+        splits = {"train": self._read(self.hparams.train)}
         rng = np.random.default_rng(self.hparams.seed)
         for name, size in (("val", self.hparams.val_size), ("test", self.hparams.test_size)):
             given = self.hparams[name]
