@@ -32,6 +32,9 @@ def export_pretrained(pl_module, directory: str) -> str:
         "default_tag_index": pl_module.default_tag,
         "tag_coverage": pl_module.tag_coverage.tolist(),
         "stop_token_ids": pl_module.stop_ids,
+        # How to pick a tag: "learned" = softmax of the logits after the prompt restricted to
+        # fork_token_ids (sample, or argmax); "coverage" = default_tag; "uniform" = any tag.
+        "fork_policy": pl_module.hparams.get("fork_policy", "coverage"),
         "method": type(pl_module).__name__,
         "hparams": {key: value for key, value in pl_module.hparams.items() if isinstance(value, (str, int, float, bool, type(None)))},
     }

@@ -13,24 +13,21 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from forklight.data.datamodule import ForkDataModule
-from forklight.modules.base import ForkModule
+from forklight.modules.base import IDENTITY_KEYS, ForkModule, tokenizer_name
 
 
 # What a checkpoint fixes about its model; everything else (evaluation, optimiser) comes from
 # the config and the command line, so `forklight test --ckpt_path X --model.init_args.eval_temperature=0.7` works.
-CHECKPOINT_MODEL_KEYS = ("name_or_path", "model_config", "tokenizer", "num_fork_tokens", "fork_token_format", "end_token")
-
-
-def _tokenizer_name(tokenizer: str | None, name_or_path: str | None) -> str:
-    return tokenizer or name_or_path or "toy"
+CHECKPOINT_MODEL_KEYS = (*IDENTITY_KEYS, "init_from")
 
 
 class ForkLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data module tokenises with the model's tokenizer and groups up to N traces per question.
         parser.link_arguments(
-            ("model.init_args.tokenizer", "model.init_args.name_or_path"), "data.init_args.tokenizer",
-            compute_fn=_tokenizer_name,
+            ("model.init_args.tokenizer", "model.init_args.name_or_path", "model.init_args.init_from"),
+            "data.init_args.tokenizer",
+            compute_fn=tokenizer_name,
         )
         parser.link_arguments("model.init_args.num_fork_tokens", "data.init_args.num_fork_tokens")
         parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")

@@ -25,6 +25,7 @@ class QuestionEvaluation:
     lengths: list[list[int]]  # [N][n] generated tokens
     texts: list[list[str]]  # [N][n]
     strategies: list[list[str | None]] = field(default_factory=list)  # [N][n] if a classifier is set
+    policy: list[float] = field(default_factory=list)  # [N] the model's tag distribution pi(i | x)
 
 
 def used_tags(coverage: list[float]) -> list[int]:
@@ -48,7 +49,8 @@ def evaluation_metrics(
     """Per-tag pass@1/len(/purity), pass@k, cons@N, single-shot pass@1 per policy, distinctness.
 
     ``policy_tags`` maps the tag-picking policies (``coverage``, ``fixed``) to their tag;
-    ``uniform`` and ``best_tag`` are computed from all tags. ``purity_tags`` (the tags trained on)
+    ``uniform`` and ``best_tag`` are computed from all tags; ``learned`` (expected pass@1 of a tag
+    drawn from the model's own tag distribution) and ``argmax`` (its most likely tag) per question. ``purity_tags`` (the tags trained on)
     enables purity, averaged over them; leave it None when there is no strategy classifier.
     """
     n = n_per_tag
@@ -73,7 +75,18 @@ def evaluation_metrics(
     for policy, tag in policy_tags.items():
         metrics[f"pass@1/{policy}"] = tag_pass[tag]
     metrics["pass@1/uniform"] = float(np.mean(tag_pass))
+    if evaluations and all(e.policy for e in evaluations):
+        learned, argmax = [], []
+        for e in evaluations:
+            per_tag = [float(np.mean([s for s in row if s is not None] or [0.0])) for row in e.scores]  # [N]
+            learned.append(float(np.dot(e.policy, per_tag)))  # expected pass@1 of a tag drawn from pi(. | x)
+            argmax.append(per_tag[int(np.argmax(e.policy))])
+        metrics["pass@1/learned"] = float(np.mean(learned))
+        metrics["pass@1/argmax"] = float(np.mean(argmax))
     metrics["pass@1/best_tag"] = max(tag_pass)
+    if f"pass@1/{fork_policy}" not in metrics:
+        raise ValueError(f"fork_policy={fork_policy} needs the model's tag distribution for every question "
+                         "(QuestionEvaluation.policy); use coverage, fixed or uniform")
     metrics["pass@1"] = metrics[f"pass@1/{fork_policy}"]
     metrics["len"] = float(np.mean([length for e in evaluations for row in e.lengths for length in row]))
     metrics["distinctness"] = float(np.mean([distinctness(e.texts) for e in evaluations]))

@@ -71,3 +71,22 @@ def init_fork_embeddings(model, fork_token_ids: list[int], num_old_tokens: int, 
         scale = noise_std * old_rows.std(dim=0).mean().clamp_min(1e-6)
         noise = torch.randn(len(fork_token_ids), weight.shape[1], generator=generator) * scale  # [N, D]
         weight[index] = (mean.unsqueeze(0) + noise).to(weight.dtype)
+
+
+def fork_log_policy(model, prompts, fork_token_ids: list[int], pad_id: int) -> torch.Tensor:
+    """log pi(i | x) over the N fork tokens at the tag position (after each prompt), [B, N].
+
+    ``prompts``: B sequences of token ids (the rendered prompt, generation prompt included).
+    Left padding with positions counted from each row's first real token; only the last
+    position's logits are computed. Gradient flows when the caller enables it (GFPO's update).
+    """
+    from forklight.data.rendering import left_padded_prompts
+
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_padded_prompts(prompts, pad_id, device)  # [B, T]
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)  # [B, T]
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1, use_cache=False
+    ).logits[:, -1, :]  # [B, V]
+    fork_logits = logits[:, torch.as_tensor(fork_token_ids, device=device)].float()  # [B, N]
+    return torch.log_softmax(fork_logits, dim=-1)

@@ -30,11 +30,27 @@ def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).float()
 
 
-def mean_row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of each row over its supervised tokens, [R] (the SSFT matching cost C[i, j])."""
-    nll = token_nll(logits, labels)  # [R, T-1]
-    mask = supervised_mask(labels)  # [R, T-1]
-    return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+def grouped_mean_nll(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    groups: torch.Tensor,
+    num_groups: int,
+) -> torch.Tensor:
+    """Mean NLL per group of scored tokens, [num_groups] (the SSFT matching cost C[i, j]).
+
+    logits: [R, T, V]; token k is ``targets[k]`` predicted at ``logits[rows[k], positions[k]]``
+    and belongs to group ``groups[k]`` (one group per tag-trace pair); all index tensors [K].
+    """
+    device = logits.device
+    nll = F.cross_entropy(
+        logits[rows.to(device), positions.to(device)].float(), targets.to(device), reduction="none"
+    )  # [K]
+    groups = groups.to(device)
+    sums = torch.zeros(num_groups, device=device).index_add_(0, groups, nll)  # [G]
+    counts = torch.bincount(groups, minlength=num_groups).clamp_min(1)  # [G]
+    return sums / counts
 
 
 def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,3 +62,143 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     nll = token_nll(logits, labels)  # [R, T-1]
     mask = supervised_mask(labels)  # [R, T-1]
     return (nll * mask).sum(), mask.sum()
+
+
+# ---- RL (GFPO, GRPO): B questions, G samples per question, N fork tokens, L completion tokens ----
+
+
+def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """``A_k = (r_k - mean r) / (std r + eps)`` within each question's group, [B, G].
+
+    rewards, valid: [B, G] (``valid`` False where the verifier skipped a sample: no advantage).
+    ``scale="none"`` keeps ``r_k - mean r`` (Dr. GRPO). A group with one valid sample gets 0.
+    """
+    if scale not in ("group", "none"):
+        raise ValueError(f"scale_rewards must be 'group' or 'none', got {scale!r}")
+    weights = valid.float()  # [B, G]
+    count = weights.sum(dim=1, keepdim=True).clamp_min(1.0)  # [B, 1]
+    mean = (rewards * weights).sum(dim=1, keepdim=True) / count  # [B, 1]
+    centred = (rewards - mean) * weights  # [B, G]
+    if scale == "group":
+        variance = (centred**2).sum(dim=1, keepdim=True) / (count - 1).clamp_min(1.0)  # unbiased, like torch.std
+        centred = centred / (variance.sqrt() + eps)
+    return centred
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-sample objective ``-min(rho A, clip(rho, 1 +- eps) A)`` and whether it clipped.
+
+    log_ratio, advantages: same shape (any). Returns (loss, clipped mask), same shape.
+    """
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped)
+
+
+def categorical_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Exact ``KL(p || q)`` over the last dimension (the N fork tokens), [...]."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def categorical_entropy(log_p: torch.Tensor) -> torch.Tensor:
+    """Entropy over the last dimension, [...]."""
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+def gfpo_loss(
+    log_policy: torch.Tensor,
+    old_log_policy: torch.Tensor,
+    ref_log_policy: torch.Tensor | None,
+    tags: torch.Tensor,
+    advantages: torch.Tensor,
+    valid: torch.Tensor,
+    clip_eps: float,
+    kl_coef: float,
+    entropy_coef: float,
+) -> dict[str, torch.Tensor]:
+    """GFPO objective over the fork-token policy (DESIGN.md §1), sampled-tag form.
+
+    log_policy: [B, N] log pi_theta(.|x) with gradient; old_log_policy, ref_log_policy: [B, N];
+    tags: [B, G] sampled tag indices; advantages, valid: [B, G].
+    Returns the loss and its parts (surrogate, kl, entropy, clip_frac), scalars.
+    """
+    new = log_policy.gather(1, tags)  # [B, G]
+    old = old_log_policy.gather(1, tags)  # [B, G]
+    per_sample, clipped = clipped_surrogate(new - old, advantages, clip_eps)  # [B, G]
+    weights = valid.float()
+    count = weights.sum().clamp_min(1.0)
+    surrogate = (per_sample * weights).sum() / count
+    return _with_regularisers(surrogate, log_policy, ref_log_policy, kl_coef, entropy_coef, (clipped.float() * weights).sum() / count)
+
+
+def stratified_gfpo_loss(
+    log_policy: torch.Tensor,
+    ref_log_policy: torch.Tensor | None,
+    tag_rewards: torch.Tensor,
+    tag_valid: torch.Tensor,
+    kl_coef: float,
+    entropy_coef: float,
+) -> dict[str, torch.Tensor]:
+    """GFPO objective with stratified tags: ``-sum_i pi_theta(i|x) (r_i - mean r)``, averaged over x.
+
+    log_policy: [B, N] with gradient; tag_rewards: [B, N] mean reward of each tag's samples;
+    tag_valid: [B, N] (False where a tag has no scored sample: it gets no advantage). The
+    gradient equals the exact policy gradient of the expected reward under ``pi_theta``.
+    """
+    weights = tag_valid.float()  # [B, N]
+    mean = (tag_rewards * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+    advantages = (tag_rewards - mean) * weights  # [B, N]
+    surrogate = -(log_policy.exp() * advantages).sum(dim=1).mean()
+    return _with_regularisers(surrogate, log_policy, ref_log_policy, kl_coef, entropy_coef, torch.zeros(()))
+
+
+def _with_regularisers(surrogate, log_policy, ref_log_policy, kl_coef, entropy_coef, clip_frac) -> dict[str, torch.Tensor]:
+    kl = categorical_kl(log_policy, ref_log_policy).mean() if ref_log_policy is not None else torch.zeros(())
+    entropy = categorical_entropy(log_policy).mean()
+    loss = surrogate + kl_coef * kl - entropy_coef * entropy
+    return {"loss": loss, "surrogate": surrogate.detach(), "kl": kl.detach(), "entropy": entropy.detach(),
+            "clip_frac": clip_frac.detach()}
+
+
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+def k3_kl(log_p: torch.Tensor, ref_log_p: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of ``KL(p || ref)`` on tokens sampled from p: ``e^d - d - 1``, d = ref - p."""
+    delta = ref_log_p - log_p
+    return torch.exp(delta) - delta - 1.0
+
+
+def grpo_loss(
+    token_log_probs: torch.Tensor,
+    old_token_log_probs: torch.Tensor,
+    ref_token_log_probs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    clip_eps: float,
+    kl_coef: float,
+    max_completion_length: int,
+) -> dict[str, torch.Tensor]:
+    """Token-level GRPO objective over completions.
+
+    token_log_probs: [S, L] log pi_theta of each completion token with gradient; old/ref: [S, L];
+    advantages: [S] (one per completion); mask: [S, L] 1 on completion tokens (stop token included).
+    Normalisation by ``loss_type``: ``grpo`` mean over each sequence's tokens then over sequences;
+    ``dapo`` sum over all tokens / all tokens; ``dr_grpo`` sum / (S * max_completion_length).
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"model.loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+    mask = mask.float()
+    per_token, clipped = clipped_surrogate(token_log_probs - old_token_log_probs, advantages.unsqueeze(1), clip_eps)  # [S, L]
+    kl = k3_kl(token_log_probs, ref_token_log_probs) if ref_token_log_probs is not None else torch.zeros_like(per_token)
+    per_token = per_token + kl_coef * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).mean()
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+    else:
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_completion_length)
+    tokens = mask.sum().clamp_min(1.0)
+    return {"loss": loss, "kl": ((kl * mask).sum() / tokens).detach(), "clip_frac": ((clipped.float() * mask).sum() / tokens).detach()}

@@ -1,7 +1,8 @@
 """Verifiers: score completions against gold answers (1.0 correct, 0.0 wrong, None = skip).
 
-A verifier is ``f(completions, answers, **columns) -> list[float | None]``, named here
-(``exact_integer``) or given as ``module:function``. ``extract_answer`` gives the answer string
+A verifier is ``f(completions, answers, **columns) -> list[float | None]`` (``columns``: the
+record's other fields, one list each), named here (``exact_integer``, ``math``), given as
+``module:function`` or ``{class_path, init_args}``; several combine with weights. ``extract_answer`` gives the answer string
 that majority voting (cons@N) compares.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import threading
 from collections.abc import Callable, Sequence
 
 _INTEGER = re.compile(r"-?\d+")
@@ -32,7 +34,117 @@ def exact_integer(completions: Sequence[str], answers: Sequence[str | None], **c
     return scores
 
 
-VERIFIERS: dict[str, Callable] = {"exact_integer": exact_integer}
+class MathVerifier:
+    """Math answers with math-verify: ``\\boxed{}`` or a final answer, compared symbolically, gold first.
+
+    A completion that cannot be parsed, or whose check runs past ``timeout_s``, scores 0 and is
+    counted (``parse_failures``, ``timeouts``); a gold answer that cannot be parsed gives None (the
+    sample is skipped) and is counted in ``gold_failures``. math-verify's own timeouts use
+    SIGALRM, which only works in a main thread, so elsewhere (a dataloader or trainer thread)
+    the batch runs in a spawned worker process, killed if it overruns.
+    """
+
+    def __init__(self, timeout_s: int = 5) -> None:
+        try:
+            import math_verify  # noqa: F401
+        except ImportError as error:
+            raise ImportError("verifier 'math' needs math-verify: pip install 'math-verify[antlr4_13_2]'") from error
+        if timeout_s < 1:
+            raise ValueError(f"MathVerifier timeout_s must be >= 1 (seconds), got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.counts = {"parse_failures": 0, "timeouts": 0, "gold_failures": 0}
+
+    def __call__(self, completions: Sequence[str], answers: Sequence[str | None], **columns) -> list[float | None]:
+        if threading.current_thread() is threading.main_thread():
+            results = _math_scores(list(completions), list(answers), self.timeout_s)
+        else:
+            results = self._in_worker(list(completions), list(answers))
+        scores = []
+        for score, outcome in results:
+            if outcome in self.counts:
+                self.counts[outcome] += 1
+            scores.append(score)
+        return scores
+
+    def _in_worker(self, completions: list[str], answers: list[str | None]) -> list[tuple[float | None, str]]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        budget = self.timeout_s * (2 * len(completions) + 1) + 30  # gold + prediction per sample, and start-up
+        executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return executor.submit(_math_scores, completions, answers, self.timeout_s).result(timeout=budget)
+        except FutureTimeout:
+            for process in list(getattr(executor, "_processes", {}).values()):
+                process.kill()
+            return [(0.0, "timeouts")] * len(completions)
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def extract_answer(text: str) -> str | None:
+        """The answer math-verify extracts (its string form), for majority voting."""
+        from math_verify import parse
+
+        try:
+            parsed = parse(text, parsing_timeout=None)
+        except Exception:
+            return None
+        return str(parsed[-1]) if parsed else None
+
+
+def _math_scores(completions: list[str], answers: list[str | None], timeout_s: int) -> list[tuple[float | None, str]]:
+    """(score, outcome) per sample; runs where SIGALRM works (a main thread or a worker process)."""
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+
+    results = []
+    for completion, answer in zip(completions, answers, strict=True):
+        try:
+            gold = parse(answer, parsing_timeout=timeout_s, raise_on_error=True) if answer else []
+        except TimeoutException:
+            gold = []
+        except Exception:
+            gold = []
+        if not gold:
+            results.append((None, "gold_failures"))
+            continue
+        try:
+            predicted = parse(completion, parsing_timeout=timeout_s, raise_on_error=True)
+            if not predicted:
+                results.append((0.0, "parse_failures"))
+                continue
+            correct = verify(gold, predicted, timeout_seconds=timeout_s, raise_on_error=True)
+            results.append((1.0 if correct else 0.0, "ok"))
+        except TimeoutException:
+            results.append((0.0, "timeouts"))
+        except Exception:
+            results.append((0.0, "parse_failures"))
+    return results
+
+
+class WeightedVerifiers:
+    """Several verifiers as one: the weighted sum of the scores that are not None (None if all are)."""
+
+    def __init__(self, verifiers: list[Callable], weights: list[float]) -> None:
+        self.verifiers = verifiers
+        self.weights = weights
+        self.extract_answer = getattr(verifiers[0], "extract_answer", extract_last_integer)
+
+    def __call__(self, completions: Sequence[str], answers: Sequence[str | None], **columns) -> list[float | None]:
+        totals: list[float | None] = [None] * len(completions)
+        for verifier, weight in zip(self.verifiers, self.weights):
+            scores = verifier(completions, answers, **columns)
+            if len(scores) != len(completions):
+                raise ValueError(f"verifier {verifier!r} returned {len(scores)} scores for {len(completions)} completions")
+            for index, score in enumerate(scores):
+                if score is not None:
+                    totals[index] = (totals[index] or 0.0) + weight * float(score)
+        return totals
+
+
+VERIFIERS: dict[str, Callable] = {"exact_integer": exact_integer, "math": MathVerifier}
 ANSWER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {"exact_integer": extract_last_integer}
 
 
@@ -49,9 +161,51 @@ def resolve_callable(spec: str, registry: dict[str, Callable], key: str) -> Call
         raise ValueError(f"{key}={spec!r} cannot be imported: {error}") from error
 
 
-def resolve_verifier(spec: str) -> tuple[Callable, Callable[[str], str | None]]:
-    """(verifier, answer extractor) for ``model.verifier``; user verifiers vote on the last integer
-    unless the function has an ``extract_answer`` attribute."""
-    verifier = resolve_callable(spec, VERIFIERS, "model.verifier")
-    extractor = ANSWER_EXTRACTORS.get(spec) or getattr(verifier, "extract_answer", extract_last_integer)
+VerifierSpec = str | dict
+
+
+def _one_verifier(spec: VerifierSpec, key: str) -> tuple[Callable, float]:
+    """(verifier, weight) from ``name``, ``module:function`` or ``{class_path, init_args, weight}``."""
+    if isinstance(spec, str):
+        found = resolve_callable(spec, VERIFIERS, key)
+        return (found() if isinstance(found, type) else found), 1.0
+    if not isinstance(spec, dict):
+        raise ValueError(f"{key}: expected a name, 'module:function' or a mapping, got {spec!r}")
+    unknown = set(spec) - {"class_path", "init_args", "function", "weight"}
+    if unknown or ("class_path" in spec) == ("function" in spec):
+        raise ValueError(f"{key}: a mapping needs exactly one of 'class_path' (with optional 'init_args') or "
+                         f"'function', plus an optional 'weight'; got keys {sorted(spec)}")
+    weight = float(spec.get("weight", 1.0))
+    if "function" in spec:
+        return _one_verifier(spec["function"], key)[0], weight
+    path = spec["class_path"]
+    if path in VERIFIERS and isinstance(VERIFIERS[path], type):
+        cls = VERIFIERS[path]
+    else:
+        module_name, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ValueError(f"{key}: class_path {path!r} cannot be imported: {error}") from error
+    try:
+        return cls(**spec.get("init_args", {})), weight
+    except TypeError as error:
+        raise ValueError(f"{key}: cannot build {path} with init_args {spec.get('init_args', {})}: {error}") from error
+
+
+def resolve_verifier(spec: VerifierSpec | list[VerifierSpec]) -> tuple[Callable, Callable[[str], str | None]]:
+    """(verifier, answer extractor) for ``model.verifier``: a name (``exact_integer``, ``math``),
+    ``package.module:function``, ``{class_path, init_args, weight}``, or a list of these (weighted
+    sum). Majority voting uses the first verifier's ``extract_answer`` (default: the last integer)."""
+    specs = spec if isinstance(spec, list) else [spec]
+    if not specs:
+        raise ValueError("model.verifier is an empty list; name at least one verifier")
+    built = [_one_verifier(item, f"model.verifier[{i}]" if isinstance(spec, list) else "model.verifier")
+             for i, item in enumerate(specs)]
+    if len(built) == 1 and built[0][1] == 1.0:
+        verifier = built[0][0]
+    else:
+        verifier = WeightedVerifiers([v for v, _ in built], [w for _, w in built])
+    first = specs[0] if isinstance(specs[0], str) else None
+    extractor = (ANSWER_EXTRACTORS.get(first) if first else None) or getattr(verifier, "extract_answer", extract_last_integer)
     return verifier, extractor

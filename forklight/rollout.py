@@ -7,7 +7,8 @@ Generation keeps no autograd state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,33 @@ class Completion:
     text: str
     length: int  # generated tokens, stop token included when present
     truncated: bool  # hit max_new_tokens without a stop token
+    stop_token: int | None = None  # the stop token that ended it (None when truncated)
+
+    @property
+    def sampled_ids(self) -> list[int]:
+        """Every sampled token, the stop token included (what an RL loss scores)."""
+        return self.token_ids + ([self.stop_token] if self.stop_token is not None else [])
+
+
+@dataclass
+class RolloutGroup:
+    """The G samples of one question: which tag each followed, and what it generated."""
+
+    id: str
+    prompt_ids: list[int]
+    tags: list[int]  # [G] tag index (0-based) of each sample
+    completions: list[Completion]  # [G]
+
+
+class _FinishedRowPadFilter(logging.Filter):
+    """``generate`` feeds finished rows their pad token, and GPT-2-style models then warn that no
+    attention mask was passed although ``generate`` passes one; drop that one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention_mask" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_FinishedRowPadFilter())
 
 
 @torch.no_grad()
@@ -35,8 +63,12 @@ def generate_completions(
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 256,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Completion]:
-    """Sample one completion per prefix (prefix = prompt ids + tag id). Order is preserved."""
+    """Sample one completion per prefix (prefix = prompt ids + tag id). Order is preserved.
+
+    ``progress(done, total)``, if given, is called after each chunk of ``batch_size`` prefixes.
+    """
     from transformers import GenerationConfig
 
     config = GenerationConfig(
@@ -67,7 +99,39 @@ def generate_completions(
                     text=tokenizer.decode(kept, skip_special_tokens=True),
                     length=len(kept) + (0 if stop_at is None else 1),
                     truncated=stop_at is None,
+                    stop_token=None if stop_at is None else tokens[stop_at],
                 )
+            if progress is not None:
+                progress(start + len(chunk), len(order))
     finally:
         model.train(was_training)
     return completions  # type: ignore[return-value]
+
+
+def rollout_groups(
+    model,
+    tokenizer,
+    question_ids: Sequence[str],
+    prompt_ids: Sequence[Sequence[int]],
+    tags: Sequence[Sequence[int]],
+    fork_token_ids: Sequence[int],
+    stop_ids: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[RolloutGroup]:
+    """One group per question: a completion after ``prompt + fork_token_ids[tag]`` for each of its
+    tags (``tags``: B lists of G tag indices). All B*G completions share ``generate`` calls."""
+    prefixes = [
+        [int(t) for t in prompt] + [fork_token_ids[tag]] for prompt, group in zip(prompt_ids, tags) for tag in group
+    ]
+    completions = generate_completions(
+        model, tokenizer, prefixes, stop_ids, max_new_tokens, temperature, top_p, batch_size, progress
+    )
+    groups, offset = [], 0
+    for question_id, prompt, group in zip(question_ids, prompt_ids, tags, strict=True):
+        groups.append(RolloutGroup(question_id, [int(t) for t in prompt], list(group), completions[offset : offset + len(group)]))
+        offset += len(group)
+    return groups

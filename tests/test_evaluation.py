@@ -44,3 +44,18 @@ def test_pass_at_k_with_k_below_the_sample_count(tiny_ssft):
     assert metrics["pass@k"] == pytest.approx(0.25)  # 1 of 4 samples correct, k = 1
     assert metrics["cons@N"] == pytest.approx(0.25)  # k=1 votes, round by round: (5) (3) (4) (3)
     assert "purity" not in metrics
+
+
+def test_learned_and_argmax_policies_by_hand(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=3, n_per_tag=2, fork_policy="learned")
+    first = evaluation("a", "5", [[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]], [["5", "5"], ["5", "4"], ["3", "3"]], [])
+    first.policy = [0.2, 0.5, 0.3]  # expected pass@1 = 0.2 * 1 + 0.5 * 0.5 + 0.3 * 0 = 0.45; argmax tag 2 -> 0.5
+    second = evaluation("b", "9", [[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]], [["1", "1"], ["2", "2"], ["9", "8"]], [])
+    second.policy = [0.1, 0.1, 0.8]  # expected 0.8 * 0.5 = 0.4; argmax tag 3 -> 0.5
+    metrics = module.evaluation_metrics([first, second])
+    assert metrics["pass@1/learned"] == pytest.approx((0.45 + 0.4) / 2)
+    assert metrics["pass@1/argmax"] == pytest.approx(0.5)
+    assert metrics["pass@1"] == metrics["pass@1/learned"]
+    second.policy = []
+    with pytest.raises(ValueError, match="fork_policy=learned"):
+        module.evaluation_metrics([first, second])

@@ -42,17 +42,21 @@ def test_module_matching_is_the_brute_force_optimum(tiny_ssft):
         assert len(set(assignment.tolist())) == 4
 
 
-def test_cost_is_the_mean_prefix_nll_of_each_tag_trace_pair(tiny_ssft):
-    module = tiny_ssft(num_fork_tokens=2, match_prefix_tokens=3)
+@pytest.mark.parametrize("prefix", [1, 3])
+def test_cost_is_the_mean_prefix_nll_of_each_tag_trace_pair(tiny_ssft, prefix):
+    # prefix 1: the traces of a (question, tag) share one forward row; the costs must not change.
+    module = tiny_ssft(num_fork_tokens=2, match_prefix_tokens=prefix, match_chunk_rows=3)
     batch = toy_batch(1)
     cost = module.trace_tag_costs(batch)[0]
-    prompt, trace = batch.prompt_ids[0], batch.trace_ids[0][1]
-    ids = torch.cat([prompt, torch.tensor([module.fork_token_ids[1]]), trace[:3]]).unsqueeze(0)
-    with torch.no_grad():
-        log_probs = module.model(input_ids=ids).logits.log_softmax(-1)[0]
-    start = len(prompt)  # position of the tag predicts the first trace token
-    expected = -np.mean([log_probs[start + t, trace[t]].item() for t in range(3)])
-    assert cost[1, 1] == pytest.approx(expected, abs=1e-5)
+    prompt = batch.prompt_ids[0]
+    for tag in range(2):
+        for j, trace in enumerate(batch.trace_ids[0]):
+            ids = torch.cat([prompt, torch.tensor([module.fork_token_ids[tag]]), trace[:prefix]]).unsqueeze(0)
+            with torch.no_grad():
+                log_probs = module.model(input_ids=ids).logits.log_softmax(-1)[0]
+            start = len(prompt)  # position of the tag predicts the first trace token
+            expected = -np.mean([log_probs[start + t, trace[t]].item() for t in range(prefix)])
+            assert cost[tag, j] == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

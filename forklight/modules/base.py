@@ -9,7 +9,11 @@ subclass it and add their ``training_step``.
 
 from __future__ import annotations
 
+import glob
+import inspect
+import json
 import math
+import os
 
 import lightning as L
 import torch
@@ -17,11 +21,11 @@ import torch.distributed as dist
 
 from forklight.data.rendering import TOY_TOKENIZER, TraceSetBatch, end_of_turn_id, load_tokenizer
 from forklight.evaluation import QuestionEvaluation, evaluation_metrics, used_tags
-from forklight.forking import add_fork_tokens, fork_token_names, init_fork_embeddings
+from forklight.forking import add_fork_tokens, fork_log_policy, fork_token_names, init_fork_embeddings
 from forklight.rewards import resolve_callable, resolve_verifier
 from forklight.rollout import generate_completions
 
-FORK_POLICIES = ("coverage", "fixed", "uniform")
+FORK_POLICIES = ("learned", "argmax", "coverage", "fixed", "uniform")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,9 +55,59 @@ def build_causal_lm(
     return model.to(torch_dtype) if torch_dtype is not None else model
 
 
+# What a checkpoint or export fixes about the model it holds (the rest comes from the config).
+IDENTITY_KEYS = ("name_or_path", "model_config", "tokenizer", "num_fork_tokens", "fork_token_format", "end_token")
+EXPORT_METADATA = "forklight.json"
+
+
+def resolve_init_from(init_from: str) -> dict:
+    """Where an RL run starts: ``{"path", "kind": "export"|"checkpoint", "identity": {...}, "metadata"}``.
+
+    ``init_from`` is an HF export dir (with ``forklight.json``), a Lightning ``.ckpt``, or a glob
+    of either (the newest match wins, e.g. ``runs/ssft/version_*/export``).
+    """
+    path = init_from
+    if any(char in init_from for char in "*?["):
+        matches = sorted(glob.glob(init_from), key=os.path.getmtime)
+        if not matches:
+            raise FileNotFoundError(
+                f"model.init_from={init_from!r} matches nothing; train the starting model first "
+                "(e.g. forklight fit -c configs/ssft.yaml) or point init_from at its export or checkpoint"
+            )
+        path = matches[-1]
+    if os.path.isdir(path):
+        metadata_file = os.path.join(path, EXPORT_METADATA)
+        if not os.path.isfile(metadata_file):
+            raise FileNotFoundError(f"model.init_from={path!r} is a directory without {EXPORT_METADATA}: not a forklight export")
+        with open(metadata_file) as handle:
+            metadata = json.load(handle)
+        identity = {"name_or_path": path, "tokenizer": path, "model_config": None,
+                    "num_fork_tokens": len(metadata["fork_tokens"])}
+        return {"path": path, "kind": "export", "identity": identity, "metadata": metadata}
+    if os.path.isfile(path):
+        saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+        identity = {key: saved[key] for key in IDENTITY_KEYS if key in saved}
+        return {"path": path, "kind": "checkpoint", "identity": identity, "metadata": {}}
+    raise FileNotFoundError(f"model.init_from={path!r} does not exist (expected an export dir or a .ckpt file)")
+
+
+def tokenizer_name(tokenizer: str | None, name_or_path: str | None, init_from: str | None = None) -> str:
+    """The tokenizer a module uses: ``tokenizer``, else the starting point's, else the model's, else ``toy``."""
+    if tokenizer:
+        return tokenizer
+    if init_from:
+        try:
+            identity = resolve_init_from(init_from)["identity"]
+        except FileNotFoundError:  # e.g. --print_config before the starting run exists; the module reports it
+            return name_or_path or TOY_TOKENIZER
+        return identity.get("tokenizer") or identity.get("name_or_path") or TOY_TOKENIZER
+    return name_or_path or TOY_TOKENIZER
+
+
 class ForkModule(L.LightningModule):
     def __init__(
         self,
+        init_from: str | None = None,
         name_or_path: str | None = None,
         model_config: dict | None = None,
         tokenizer: str | None = None,
@@ -76,13 +130,16 @@ class ForkModule(L.LightningModule):
         pass_k: int | None = None,
         fork_policy: str = "coverage",
         fixed_tag: int = 0,
-        verifier: str = "exact_integer",
+        verifier: str | dict | list[str | dict] = "exact_integer",
         strategy_classifier: str | None = None,
         seed: int = 0,
     ) -> None:
         """Shared model setup and evaluation.
 
         Args:
+            init_from: start from a forklight run: an HF export dir (with ``forklight.json``), a
+                ``.ckpt``, or a glob of either (newest match, e.g. ``runs/ssft/version_*/export``); it
+                fixes the model, tokenizer, fork tokens and default tag, and loads the weights.
             name_or_path: Hugging Face model id or local dir; unset builds a fresh model from ``model_config``.
             model_config: ``AutoConfig`` keyword arguments (with ``model_type``) of a fresh model (toy, tests).
             tokenizer: tokenizer name or path; default ``name_or_path``, or ``toy`` (character tokenizer).
@@ -103,29 +160,57 @@ class ForkModule(L.LightningModule):
             max_new_tokens: longest evaluation completion.
             generation_batch_size: sequences per ``generate`` call.
             pass_k: k of ``val/pass@k`` and ``val/cons@N`` (default: all samples of a question, N * n_per_tag).
-            fork_policy: single-shot tag choice for ``val/pass@1``: ``coverage`` (default tag), ``fixed``, ``uniform``.
+            fork_policy: single-shot tag choice for ``val/pass@1``: ``learned`` (sample from the model's tag
+                distribution), ``argmax`` (its most likely tag), ``coverage`` (default tag), ``fixed``, ``uniform``.
             fixed_tag: tag index (0-based) used by ``fork_policy: fixed``.
-            verifier: ``exact_integer`` or ``package.module:function`` scoring completions against answers.
+            verifier: ``exact_integer``, ``math`` (math-verify), ``package.module:function``,
+                ``{class_path, init_args, weight}``, or a list of these (weighted sum of scores).
             strategy_classifier: ``package.module:function`` naming the strategy of a completion (enables purity).
             seed: seed of the fork-token initialisation, fresh weights, matching and sampling.
         """
         super().__init__()
-        self.save_hyperparameters()
+        self._init_source = resolve_init_from(init_from) if init_from else None
+        self._hparam_overrides = {"tokenizer": tokenizer_name(tokenizer, name_or_path)}
+        if self._init_source is not None:
+            identity = self._init_source["identity"]
+            start_tags = identity.get("num_fork_tokens", 6)
+            if num_fork_tokens != start_tags:
+                raise ValueError(
+                    f"model.num_fork_tokens={num_fork_tokens} but model.init_from={self._init_source['path']} has "
+                    f"{start_tags} fork tokens; set model.init_args.num_fork_tokens={start_tags}"
+                )
+            # The starting point fixes the model; its resolved path is saved, so a resume finds the same one.
+            self._hparam_overrides = {**identity, "init_from": self._init_source["path"]}
+            self._hparam_overrides["tokenizer"] = tokenizer_name(identity.get("tokenizer"), identity.get("name_or_path"))
+        self.save_init_hyperparameters()
+        hp = self.hparams  # read identity from here: a subclass may fix it (e.g. RL's init_from)
         self._check_ranges()
-        self.tokenizer = load_tokenizer(tokenizer or name_or_path or TOY_TOKENIZER, trust_remote_code)
+        self.tokenizer = load_tokenizer(hp.tokenizer, trust_remote_code)
         self._vocab_before_fork_tokens = len(self.tokenizer)
-        self.fork_tokens = fork_token_names(num_fork_tokens, fork_token_format)
+        self.fork_tokens = fork_token_names(hp.num_fork_tokens, hp.fork_token_format)
         self.fork_token_ids, self._new_fork_token_ids = add_fork_tokens(self.tokenizer, self.fork_tokens)
-        self.stop_ids = sorted({end_of_turn_id(self.tokenizer, end_token), self.tokenizer.eos_token_id} - {None})
+        self.stop_ids = sorted({end_of_turn_id(self.tokenizer, hp.end_token), self.tokenizer.eos_token_id} - {None})
         self.verifier, self.extract_answer = resolve_verifier(verifier)
         self.classify_strategy = (
             resolve_callable(strategy_classifier, {}, "model.strategy_classifier") if strategy_classifier else None
         )
         # Traces matched to each tag over training; argmax = the default tag (stored in checkpoints).
-        self.register_buffer("tag_coverage", torch.zeros(num_fork_tokens, dtype=torch.float64))
+        self.register_buffer("tag_coverage", torch.zeros(hp.num_fork_tokens, dtype=torch.float64))
+        metadata = self._init_source["metadata"] if self._init_source else {}
+        if metadata.get("tag_coverage"):  # an export's default tag carries over
+            self.tag_coverage.copy_(torch.tensor(metadata["tag_coverage"], dtype=self.tag_coverage.dtype))
         self.model = None
         self._evaluations: list[QuestionEvaluation] = []
         self.last_evaluation: list[QuestionEvaluation] = []  # read by callbacks (samples, views)
+
+    def save_init_hyperparameters(self) -> None:
+        """``save_hyperparameters`` for every class of the hierarchy (call it at the end of each
+        ``__init__``), then the values a subclass fixed before calling ``super().__init__``
+        (``self._hparam_overrides``), which the collected init arguments would otherwise undo."""
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        overrides = getattr(self, "_hparam_overrides", {})
+        if overrides:  # as a dict, so the logged initial hyperparameters get them too
+            self.save_hyperparameters({**self.hparams, **overrides})
 
     def _check_ranges(self) -> None:
         hp = self.hparams
@@ -165,12 +250,38 @@ class ForkModule(L.LightningModule):
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning switches modes itself
+        if self._init_source is not None and self._init_source["kind"] == "checkpoint":
+            self._load_start_checkpoint(self._init_source["path"])
+
+    def _load_start_checkpoint(self, path: str) -> None:
+        """Model weights and tag coverage of a forklight ``.ckpt`` (a resume then loads over them)."""
+        state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)["state_dict"]
+        wanted = {key: value for key, value in state.items() if key.startswith("model.") or key == "tag_coverage"}
+        missing = [key for key in self.state_dict() if key.startswith("model.") and key not in wanted]
+        if missing:
+            raise ValueError(f"model.init_from={path} lacks {len(missing)} model weights (e.g. {missing[:3]}); "
+                             "is it a checkpoint of this model?")
+        self.load_state_dict(wanted, strict=False)
+
+    @torch.no_grad()
+    def fork_policy_of(self, prompt_ids) -> torch.Tensor:
+        """The model's tag distribution log pi(i | x) for each prompt, [B, N] (no gradient)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return fork_log_policy(self.model, prompt_ids, self.fork_token_ids, self.tokenizer.pad_token_id)
+        finally:
+            self.model.train(was_training)
 
     @property
     def default_tag(self) -> int:
         """Index of the tag matched to the most traces in training ("coverage"); 0 before training."""
         return int(torch.argmax(self.tag_coverage).item()) if self.tag_coverage.sum() > 0 else 0
+
+    def weight_decay(self) -> float:
+        """AdamW weight decay of the matrices (``model.weight_decay``; a method may turn it off)."""
+        return self.hparams.weight_decay
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -178,7 +289,7 @@ class ForkModule(L.LightningModule):
         decay = [p for p in parameters if p.ndim >= 2]
         no_decay = [p for p in parameters if p.ndim < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": decay, "weight_decay": self.weight_decay()}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.learning_rate,
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
@@ -219,7 +330,9 @@ class ForkModule(L.LightningModule):
             completions = generate_completions(
                 self.model, self.tokenizer, prefixes, self.stop_ids, hp.max_new_tokens,
                 hp.eval_temperature, hp.eval_top_p, hp.generation_batch_size,
+                progress=getattr(self, "generation_progress", None),  # set by callbacks.GenerationProgress
             )
+            policy = self.fork_policy_of(batch.prompt_ids).exp().tolist()  # [B][N]
         texts = [completion.text for completion in completions]
         answers = [answer for answer in batch.answers for _ in range(num_tags * n)]
         columns = {key: [row.get(key) for row in batch.columns for _ in range(num_tags * n)]
@@ -246,6 +359,7 @@ class ForkModule(L.LightningModule):
                     texts=grid(texts[block]),
                     strategies=grid(self.classify_strategy(text) for text in texts[block])
                     if self.classify_strategy else [],
+                    policy=policy[q],
                 )
             )
         return results

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from forklight.data.rendering import TraceSetBatch, assemble_rows
-from forklight.losses import mean_row_nll, summed_nll
+from forklight.losses import grouped_mean_nll, summed_nll
 from forklight.matching import MATCHING_MODES, assignment_cost, expected_random_cost, match_traces_to_tags
 from forklight.modules.base import ForkModule
 
@@ -56,33 +56,55 @@ class SSFTModule(ForkModule):
             raise ValueError(f"model.match_prefix_tokens must be >= 1 or null, got {match_prefix_tokens}")
         if match_chunk_rows < 1:
             raise ValueError(f"model.match_chunk_rows must be >= 1, got {match_chunk_rows}")
-        self.save_hyperparameters()
+        self.save_init_hyperparameters()
         self.last_assignments: list[tuple[list[str | None], list[int]]] = []  # (sources, tags) per question
         self.last_match_cost_gap: float | None = None  # per trace: random-assignment cost - matched cost
 
     @torch.no_grad()
     def trace_tag_costs(self, batch: TraceSetBatch) -> list[np.ndarray]:
-        """Cost matrices ``C`` [N, M_b] of every question, from chunked no-grad forward passes."""
-        num_tags = len(self.fork_token_ids)
-        prompts, tags, traces = [], [], []
-        for prompt, question_traces in zip(batch.prompt_ids, batch.trace_ids):
+        """Cost matrices ``C`` [N, M_b] of every question, from chunked no-grad forward passes.
+
+        Pairs whose model input is identical (same question and tag, traces that agree on their
+        first ``P - 1`` scored tokens) share one row: with ``match_prefix_tokens: 1`` a question
+        needs N rows, not N * M, and the result is the same.
+        """
+        num_tags, prefix = len(self.fork_token_ids), self.hparams.match_prefix_tokens
+        row_of: dict[tuple, int] = {}  # (question, tag, shared input tokens) -> row
+        row_inputs: list[torch.Tensor] = []  # [prompt | tag | trace[:P-1]] per row
+        pairs = []  # (row, tag position, scored trace tokens) per (question, tag, trace), in that order
+        for q, (prompt, traces) in enumerate(zip(batch.prompt_ids, batch.trace_ids)):
             for tag_id in self.fork_token_ids:
-                for trace in question_traces:
-                    prompts.append(prompt)
-                    tags.append(tag_id)
-                    traces.append(trace)
+                for trace in traces:
+                    scored = trace[:prefix] if prefix is not None else trace
+                    key = (q, tag_id, tuple(scored[:-1].tolist()))
+                    if key not in row_of:
+                        row_of[key] = len(row_inputs)
+                        tag = torch.tensor([tag_id], dtype=prompt.dtype, device=prompt.device)
+                        row_inputs.append(torch.cat([prompt, tag, scored[:-1]]))
+                    pairs.append((row_of[key], len(prompt), scored))
         was_training = self.model.training
         self.model.eval()
-        costs = []
-        for start in range(0, len(prompts), self.hparams.match_chunk_rows):
-            chunk = slice(start, start + self.hparams.match_chunk_rows)
-            rows = assemble_rows(
-                prompts[chunk], tags[chunk], traces[chunk], self.tokenizer.pad_token_id, self.hparams.match_prefix_tokens
-            )
-            logits = self.model(input_ids=rows.input_ids).logits  # [R, T, V]; right padding needs no mask
-            costs.append(mean_row_nll(logits, rows.labels).float().cpu())  # [R]
+        costs = torch.empty(len(pairs))
+        chunk_rows = self.hparams.match_chunk_rows
+        by_chunk: dict[int, list[int]] = {}
+        for p, (row, _, _) in enumerate(pairs):
+            by_chunk.setdefault(row // chunk_rows, []).append(p)
+        for chunk_index, members in sorted(by_chunk.items()):
+            start = chunk_index * chunk_rows
+            chunk = row_inputs[start : start + chunk_rows]
+            input_ids = torch.full((len(chunk), max(map(len, chunk))), self.tokenizer.pad_token_id, dtype=torch.long)
+            for r, row in enumerate(chunk):
+                input_ids[r, : len(row)] = row
+            # Right padding: no real token attends to a pad under causal attention, so no mask is needed.
+            logits = self.model(input_ids=input_ids.to(self.device)).logits  # [R, T, V]
+            scored = [pairs[p] for p in members]
+            rows = torch.cat([torch.full((len(s),), r - start) for r, _, s in scored])  # [K]
+            positions = torch.cat([torch.arange(t, t + len(s)) for _, t, s in scored])  # [K]: tag position onwards
+            targets = torch.cat([s.cpu() for _, _, s in scored])  # [K]
+            owners = torch.cat([torch.full((len(s),), i) for i, (_, _, s) in enumerate(scored)])  # [K]
+            costs[members] = grouped_mean_nll(logits, rows, positions, targets, owners, len(members)).float().cpu()
         self.model.train(was_training)
-        flat = torch.cat(costs).numpy()  # rows ordered [question, tag, trace]
+        flat = costs.numpy()  # ordered [question, tag, trace]
         matrices, offset = [], 0
         for question_traces in batch.trace_ids:
             size = num_tags * len(question_traces)

@@ -1,0 +1,147 @@
+"""GFPO: global forking policy optimisation (DESIGN.md §1).
+
+Run on the toy, starting from the SSFT default run (``forklight fit -c configs/ssft.yaml`` first)::
+
+    forklight fit -c configs/gfpo.yaml
+
+The policy is the model's next-token distribution at the tag position restricted to the N fork
+tokens, ``pi_theta(i | x) = softmax(logits[fork_ids])_i``. Each step, per question:
+
+1. sample G tags from ``pi_old`` (``tag_sampling: policy``) or G/N of each tag (``stratified``);
+2. generate a completion after each ``(x, g_k)`` and score it (rollouts only: never run
+   forward with gradient);
+3. group advantages ``A_k = (r_k - mean r) / (std r + eps)``;
+4. one forward pass over the prompts with gradient, and the loss
+   ``-mean_k min(rho_k A_k, clip(rho_k, 1 +- eps) A_k) + beta KL(pi_theta || pi_ref) - c H(pi_theta)``
+   (stratified: ``-sum_i pi_theta(i|x) (r_i - mean r)``), with the KL exact over the N tags and
+   ``pi_ref`` the starting model's tag distribution, computed once per training question.
+
+``trainable: head`` (default) trains only the fork-token rows of the output layer: the
+reasoning modes stay exactly as SSFT left them and only the choice between them is learned
+(with tied input/output embeddings the fork tokens' input rows move too). ``all`` trains
+every weight through the prompts' forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from forklight.forking import fork_log_policy
+from forklight.losses import categorical_entropy, gfpo_loss, stratified_gfpo_loss
+from forklight.modules.rl import RLModule
+
+TAG_SAMPLING = ("policy", "stratified")
+TRAINABLE = ("head", "all")
+
+
+class GFPOModule(RLModule):
+    def __init__(
+        self,
+        tag_sampling: str = "policy",
+        entropy_coef: float = 0.0,
+        trainable: str = "head",
+        fork_policy: str = "learned",
+        **kwargs,
+    ) -> None:
+        """Global forking policy optimisation.
+
+        Args:
+            tag_sampling: ``policy`` (G tags drawn from pi_old) or ``stratified`` (G/N per tag; G % N == 0).
+            entropy_coef: weight of the tag-policy entropy bonus.
+            trainable: ``head`` (only the fork-token output rows get gradient) or ``all``.
+            fork_policy: single-shot tag choice of ``val/pass@1`` (default ``learned``: the trained policy).
+        """
+        super().__init__(fork_policy=fork_policy, **kwargs)
+        if tag_sampling not in TAG_SAMPLING:
+            raise ValueError(f"model.tag_sampling must be one of {TAG_SAMPLING}, got {tag_sampling!r}")
+        if trainable not in TRAINABLE:
+            raise ValueError(f"model.trainable must be one of {TRAINABLE}, got {trainable!r}")
+        num_tags = len(self.fork_token_ids)
+        if tag_sampling == "stratified" and self.hparams.group_size % num_tags:
+            raise ValueError(f"model.tag_sampling=stratified needs group_size divisible by num_fork_tokens "
+                             f"({num_tags}), got group_size={self.hparams.group_size}")
+        self.save_init_hyperparameters()
+        self.ref_log_policy: dict[str, torch.Tensor] = {}  # question id -> log pi_ref(. | x), [N]
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        if self.hparams.trainable == "head":
+            for parameter in self.model.parameters():
+                parameter.requires_grad_(False)
+            head = self.model.get_output_embeddings().weight  # [V, D]
+            head.requires_grad_(True)
+            rows = torch.zeros(head.shape[0], 1, dtype=head.dtype, device=head.device)
+            rows[self.fork_token_ids] = 1.0
+            head.register_hook(lambda grad: grad * rows.to(grad.device))  # only the fork rows learn
+
+    def weight_decay(self) -> float:
+        if self.hparams.trainable == "head":  # decoupled weight decay would shrink every output row
+            return 0.0
+        return super().weight_decay()
+
+    # ---- reference policy (exact KL) ---------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.hparams.kl_coef > 0 and not self.ref_log_policy:
+            ids, prompts = [], []
+            for batch in self.trainer.datamodule.train_dataloader():
+                ids.extend(batch.ids)
+                prompts.extend(batch.prompt_ids)
+            chunk = self.hparams.generation_batch_size
+            for start in range(0, len(prompts), chunk):
+                log_policy = self.fork_policy_of(prompts[start : start + chunk]).cpu()  # [b, N]
+                self.ref_log_policy.update(zip(ids[start : start + chunk], log_policy))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["forklight_ref_log_policy"] = self.ref_log_policy
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.ref_log_policy = dict(checkpoint.get("forklight_ref_log_policy", {}))
+
+    # ---- one step ---------------------------------------------------------------------------
+    def sample_tags(self, old_log_policy: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Tag indices [B, G]: drawn from pi_old, or each tag G/N times (stratified)."""
+        num_questions, num_tags = old_log_policy.shape
+        group_size = self.hparams.group_size
+        if self.hparams.tag_sampling == "stratified":
+            return torch.arange(num_tags).repeat_interleave(group_size // num_tags).expand(num_questions, -1)
+        generator = torch.Generator().manual_seed(self._sampling_seed(batch_idx))
+        return torch.multinomial(old_log_policy.exp().cpu(), group_size, replacement=True, generator=generator)
+
+    def prepare_update(self, batch, batch_idx: int) -> dict:
+        old_log_policy = self.fork_policy_of(batch.prompt_ids)  # [B, N]
+        tags = self.sample_tags(old_log_policy, batch_idx)  # [B, G]
+        groups = self.rollouts(batch, tags.tolist(), batch_idx)
+        rewards, valid = self.rewards(batch, groups)  # [B, G]
+        self.log_rollouts(groups, rewards, valid)
+        policy = old_log_policy.exp().mean(dim=0)  # [N]
+        for tag, probability in enumerate(policy.tolist()):
+            self.log(f"fork/policy/tag{tag + 1}", probability, batch_size=len(batch))
+        self.log("fork/policy_entropy", categorical_entropy(old_log_policy).mean(), batch_size=len(batch))
+        context = {"prompts": batch.prompt_ids, "old": old_log_policy, "tags": tags.to(self.device),
+                   "rewards": rewards.to(self.device), "valid": valid.to(self.device),
+                   "advantages": self.advantages(rewards, valid).to(self.device), "ref": None}
+        if self.hparams.kl_coef > 0:
+            missing = [question for question in batch.ids if question not in self.ref_log_policy]
+            if missing:
+                raise KeyError(f"no reference tag policy for questions {missing[:3]}: they were not in the "
+                               "training data when the fit started")
+            context["ref"] = torch.stack([self.ref_log_policy[question] for question in batch.ids]).to(self.device)
+        return context
+
+    def update_loss(self, context: dict, iteration: int) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        log_policy = fork_log_policy(self.model, context["prompts"], self.fork_token_ids, self.tokenizer.pad_token_id)  # [B, N]
+        if hp.tag_sampling == "stratified":
+            num_tags = log_policy.shape[1]
+            one_hot = torch.nn.functional.one_hot(context["tags"], num_tags).float()  # [B, G, N]
+            weights = one_hot * context["valid"].unsqueeze(-1).float()  # [B, G, N]
+            counts = weights.sum(dim=1)  # [B, N]
+            tag_rewards = (weights * context["rewards"].unsqueeze(-1)).sum(dim=1) / counts.clamp_min(1.0)  # [B, N]
+            return stratified_gfpo_loss(log_policy, context["ref"], tag_rewards, counts > 0, hp.kl_coef, hp.entropy_coef)
+        return gfpo_loss(
+            log_policy, context["old"], context["ref"], context["tags"], context["advantages"], context["valid"],
+            hp.clip_eps, hp.kl_coef, hp.entropy_coef,
+        )

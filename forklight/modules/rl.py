@@ -1,0 +1,137 @@
+"""``RLModule``: what the RL methods (GFPO, GRPO) share.
+
+Starting weights come from ``init_from`` (an SSFT checkpoint or an HF export; see
+:class:`~forklight.modules.base.ForkModule`). Shared here: group rollouts with a seeded sampler, rewards from the verifier, group advantages, rollout
+metrics, and the update loop: each training step generates once and then takes
+``num_iterations`` optimiser steps on the same rollouts (manual optimisation; every
+optimiser step counts towards ``trainer.max_steps``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from forklight.losses import group_advantages
+from forklight.modules.base import ForkModule
+from forklight.rollout import RolloutGroup, rollout_groups
+
+
+class RLModule(ForkModule):
+    def __init__(
+        self,
+        group_size: int = 8,
+        rollout_temperature: float = 1.0,
+        rollout_top_p: float = 1.0,
+        max_completion_tokens: int = 128,
+        num_iterations: int = 1,
+        clip_eps: float = 0.2,
+        kl_coef: float = 0.0,
+        scale_rewards: str = "group",
+        max_grad_norm: float | None = 1.0,
+        **kwargs,
+    ) -> None:
+        """Shared RL settings.
+
+        Args:
+            group_size: G, completions per question per step.
+            rollout_temperature: sampling temperature of the rollouts.
+            rollout_top_p: nucleus threshold of the rollouts.
+            max_completion_tokens: longest rollout completion.
+            num_iterations: optimiser steps taken on each batch of rollouts (>= 1; PPO-style reuse).
+            clip_eps: ratio clipping of the surrogate objective.
+            kl_coef: weight of the KL penalty to the starting model (0 = off).
+            scale_rewards: ``group`` (divide advantages by the group's std) or ``none``.
+            max_grad_norm: gradient norm clipping per optimiser step (null = off).
+        """
+        super().__init__(**kwargs)
+        if self.hparams.init_from is None and self.hparams.name_or_path is None:
+            raise ValueError("RL starts from a trained model: set model.init_args.init_from (an SSFT export or "
+                             "checkpoint) or model.init_args.name_or_path")
+        for key, value in (("group_size", group_size), ("num_iterations", num_iterations), ("max_completion_tokens", max_completion_tokens)):
+            if value < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {value}")
+        if scale_rewards not in ("group", "none"):
+            raise ValueError(f"model.scale_rewards must be 'group' or 'none', got {scale_rewards!r}")
+        if not 0 < clip_eps < 1:
+            raise ValueError(f"model.clip_eps must be in (0, 1), got {clip_eps}")
+        if kl_coef < 0:
+            raise ValueError(f"model.kl_coef must be >= 0, got {kl_coef}")
+        self.save_init_hyperparameters()
+        self.automatic_optimization = False
+
+    # ---- rollouts and rewards --------------------------------------------------------------
+    def rollouts(self, batch, tags: list[list[int]], batch_idx: int) -> list[RolloutGroup]:
+        """Sample one completion per (question, tag) with a seed fixed by step, batch and rank."""
+        hp = self.hparams
+        device = self.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self._sampling_seed(batch_idx) + 1)
+            return rollout_groups(
+                self.model, self.tokenizer, batch.ids, batch.prompt_ids, tags, self.fork_token_ids, self.stop_ids,
+                hp.max_completion_tokens, hp.rollout_temperature, hp.rollout_top_p, hp.generation_batch_size,
+                progress=getattr(self, "generation_progress", None),  # set by callbacks.GenerationProgress
+            )
+
+    def rewards(self, batch, groups: list[RolloutGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rewards, valid), both [B, G]: verifier scores; ``valid`` False where it returned None."""
+        texts = [completion.text for group in groups for completion in group.completions]
+        sizes = [len(group.completions) for group in groups]
+        answers = [answer for answer, size in zip(batch.answers, sizes) for _ in range(size)]
+        keys = batch.columns[0] if batch.columns else {}
+        columns = {key: [row.get(key) for row, size in zip(batch.columns, sizes) for _ in range(size)] for key in keys}
+        scores = self.verifier(texts, answers, **columns)
+        if len(scores) != len(texts):
+            raise ValueError(f"model.verifier returned {len(scores)} scores for {len(texts)} completions")
+        grid = np.array([np.nan if s is None else float(s) for s in scores], dtype=np.float32).reshape(len(groups), -1)
+        valid = torch.from_numpy(~np.isnan(grid))
+        return torch.from_numpy(np.nan_to_num(grid, nan=0.0)), valid
+
+    def advantages(self, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return group_advantages(rewards, valid, self.hparams.scale_rewards)  # [B, G]
+
+    def log_rollouts(self, groups: list[RolloutGroup], rewards: torch.Tensor, valid: torch.Tensor) -> None:
+        size = len(groups)
+        scored = rewards[valid]
+        group_std = [rewards[b][valid[b]].std().item() if valid[b].sum() > 1 else 0.0 for b in range(len(groups))]
+        completions = [c for group in groups for c in group.completions]
+        self.log("rollout/reward_mean", scored.mean().item() if scored.numel() else 0.0, prog_bar=True, batch_size=size)
+        self.log("rollout/reward_std", scored.std().item() if scored.numel() > 1 else 0.0, batch_size=size)
+        self.log("rollout/frac_zero_std_groups", float(np.mean([s < 1e-8 for s in group_std])), batch_size=size)
+        self.log("rollout/len_mean", float(np.mean([c.length for c in completions])), batch_size=size)
+        self.log("rollout/truncated_frac", float(np.mean([c.truncated for c in completions])), batch_size=size)
+        self.log("rollout/skipped_frac", float((~valid).float().mean()), batch_size=size)
+
+    # ---- the update loop ---------------------------------------------------------------------
+    def update_loss(self, context: dict, iteration: int) -> dict[str, torch.Tensor]:
+        """The method's loss on this step's rollouts (with gradient); ``context`` from ``prepare_update``."""
+        raise NotImplementedError
+
+    def prepare_update(self, batch, batch_idx: int) -> dict:
+        """Generate and score this step's rollouts; return what ``update_loss`` needs."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        hp = self.hparams
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        started = time.perf_counter()
+        context = self.prepare_update(batch, batch_idx)
+        generated = time.perf_counter()
+        for iteration in range(hp.num_iterations):
+            parts = self.update_loss(context, iteration)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(parts["loss"])
+            if hp.max_grad_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            scheduler.step()
+        updated = time.perf_counter()
+        size = len(batch)
+        self.log("train/loss", parts["loss"].detach(), prog_bar=True, batch_size=size)
+        for key in ("kl", "clip_frac", "entropy"):
+            if key in parts:
+                self.log(f"train/{key}", parts[key], batch_size=size)
+        self.log("perf/step_s/generate", generated - started, batch_size=size)
+        self.log("perf/step_s/update", updated - generated, batch_size=size)
