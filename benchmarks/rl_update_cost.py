@@ -10,13 +10,16 @@ this process, an optimiser step of each method on exactly those rollouts:
 - GRPO: one forward + backward over all B*G (prompt + tag + completion) rows.
 
 Prints seconds (median of ``--repeats``) and the ratios GFPO/GRPO (target <= 0.1), and the share of
-a GFPO step spent generating (rollouts + rewards) versus updating.
+a GFPO step spent generating (rollouts + rewards) versus updating; writes the same numbers to
+``benchmarks/results/rl_update_cost.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
+import os
 import statistics
 import tempfile
 import time
@@ -111,6 +114,12 @@ def main() -> None:
         print(f"{name:40s} {seconds:9.4f} {seconds / grpo_s:8.3f}")
     head_s = results["GFPO update (trainable: head)"]
     print(f"{'generate + score (one step of rollouts)':40s} {generate_s:9.4f}")
+    record = {"start": start, "questions": args.questions, "group_size": args.group_size,
+              "completion_tokens": rollout_tokens, "threads": torch.get_num_threads(), "generate_s": generate_s,
+              "update_s": results, "gfpo_over_grpo": head_s / grpo_s, "gfpo_generate_share": generate_s / (generate_s + head_s)}
+    os.makedirs("benchmarks/results", exist_ok=True)
+    with open("benchmarks/results/rl_update_cost.json", "w") as handle:
+        json.dump(record, handle, indent=2)
     print(f"GFPO step: {generate_s / (generate_s + head_s):.1%} generating, {head_s / (generate_s + head_s):.1%} updating "
           f"(trainable: head); GFPO/GRPO update ratio {head_s / grpo_s:.3f} (target <= 0.1)")
 

@@ -6,7 +6,8 @@ template, and ``forklight.json`` (fork tokens, their ids, the default tag, tag c
     model = AutoModelForCausalLM.from_pretrained(export_dir)
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
 
-generate with any tag and no forklight import.
+generate with any tag and no forklight import. A sharded model (FSDP2, FSDP) is gathered into
+full weights on rank 0's CPU first (every rank takes part), and rank 0 writes them.
 """
 
 from __future__ import annotations
@@ -17,13 +18,22 @@ import os
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from forklight.sharding import full_state_dict, unsharded_class_name
+
 METADATA_FILE = "forklight.json"
 
 
-def export_pretrained(pl_module, directory: str) -> str:
-    """Save ``pl_module``'s HF model, tokenizer and fork-token metadata into ``directory``."""
+def export_pretrained(pl_module, directory: str, state_dict: dict | None = None) -> str:
+    """Save ``pl_module``'s HF model, tokenizer and fork-token metadata into ``directory``.
+
+    ``state_dict``: the model's full weights when it is sharded (:func:`forklight.sharding.full_state_dict`).
+    """
     os.makedirs(directory, exist_ok=True)
-    pl_module.model.save_pretrained(directory)
+    pl_module.model.save_pretrained(directory, state_dict=state_dict)
+    if state_dict is not None:  # FSDP2 renames the model's class to FSDP<name>; keep the real one
+        config = pl_module.model.config
+        config.architectures = [unsharded_class_name(pl_module.model)]
+        config.save_pretrained(directory)
     pl_module.tokenizer.save_pretrained(directory)
     metadata = {
         "fork_tokens": pl_module.fork_tokens,
@@ -54,7 +64,8 @@ class HFExport(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         directory = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "export")
+        state_dict = full_state_dict(trainer, pl_module)  # sharded: a collective, on every rank
         if trainer.is_global_zero:
-            export_pretrained(pl_module, directory)
+            export_pretrained(pl_module, directory, state_dict)
             rank_zero_info(f"forklight: exported model, tokenizer and {METADATA_FILE} to {directory}")
         trainer.strategy.barrier("forklight_export")

@@ -2,16 +2,20 @@
 
 Model and data are chosen by ``class_path`` (subclass mode), so your own LightningModule or
 DataModule plugs in; YAML may interpolate (``parser_mode="omegaconf"``) and ``-c`` stacks
-overlays; the resolved config is saved in the run directory.
+overlays; the resolved config is saved in the run directory. Checkpoints are written atomically
+(``forklight.checkpointing``) and ``--ckpt_path last`` resumes the newest run of the configured
+logger, in that run's own directory.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from forklight.checkpointing import find_last_checkpoint, use_atomic_checkpoints
 from forklight.data.datamodule import ForkDataModule
 from forklight.modules.base import IDENTITY_KEYS, ForkModule, tokenizer_name
 
@@ -33,11 +37,38 @@ class ForkLightningCLI(LightningCLI):
         parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
         parser.link_arguments("model.init_args.end_token", "data.init_args.end_token")
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)  # a kill while saving leaves the previous checkpoint whole
+        return trainer
+
+    def _resolve_last_checkpoint(self, subcommand: str) -> None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of the configured logger's runs; ``fit``
+        continues in that run's directory (Lightning would look only in the new, empty version dir)."""
+        config = self.config[subcommand]
+        logger = config["trainer"].get("logger")
+        init_args = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+        if logger is False or isinstance(logger, list):
+            return
+        save_dir = getattr(init_args, "save_dir", None) if init_args is not None else None
+        save_dir = save_dir or config["trainer"].get("default_root_dir") or os.getcwd()
+        name = (getattr(init_args, "name", None) if init_args is not None else "lightning_logs") or ""
+        found = find_last_checkpoint(str(save_dir), str(name))
+        if found is None:
+            return  # Lightning warns and starts fresh: "last" may be set before the first run
+        config["ckpt_path"] = found
+        if subcommand == "fit" and init_args is not None and hasattr(init_args, "version"):
+            init_args.version = Path(found).parent.parent.name
+
     def _parse_ckpt_path(self) -> None:
         """Take the model's identity from ``--ckpt_path`` (Lightning's default would also overwrite
         every other hyperparameter given on the command line with the checkpoint's)."""
         subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path") == "last":
+            self._resolve_last_checkpoint(subcommand)
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_dir():  # sharded (FSDP2, FSDP): its meta.pt holds all but the weights
+            ckpt_path = str(Path(ckpt_path) / "meta.pt")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         # mmap: only the hyperparameters are read here; Lightning loads the weights when it restores.

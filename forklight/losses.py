@@ -64,6 +64,16 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return (nll * mask).sum(), mask.sum()
 
 
+def data_parallel_token_mean(nll_sum: torch.Tensor, global_tokens: torch.Tensor, world_size: int) -> torch.Tensor:
+    """This rank's part of the global token mean ``sum_ranks nll_sum / global_tokens``, times ``world_size``.
+
+    DDP and FSDP average gradients over the ranks, so the averaged gradient is the gradient of the
+    global mean: R processes with batch b train exactly like one process with batch R*b.
+    ``global_tokens``: supervised tokens of all ranks' batches; with one process this is ``sum / tokens``.
+    """
+    return nll_sum * world_size / global_tokens.clamp_min(1.0)
+
+
 # ---- RL (GFPO, GRPO): B questions, G samples per question, N fork tokens, L completion tokens ----
 
 

@@ -9,10 +9,12 @@ that majority voting (cons@N) compares.
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 import threading
 from collections.abc import Callable, Sequence
 
+log = logging.getLogger(__name__)
 _INTEGER = re.compile(r"-?\d+")
 
 
@@ -43,6 +45,8 @@ class MathVerifier:
     SIGALRM, which only works in a main thread, so elsewhere (a dataloader or trainer thread)
     the batch runs in a spawned worker process, killed if it overruns.
     """
+
+    handles_timeouts = True  # run_verifier calls it in the caller's thread (see there)
 
     def __init__(self, timeout_s: int = 5) -> None:
         try:
@@ -131,6 +135,7 @@ class WeightedVerifiers:
         self.verifiers = verifiers
         self.weights = weights
         self.extract_answer = getattr(verifiers[0], "extract_answer", extract_last_integer)
+        self.handles_timeouts = all(_bounded(verifier) for verifier in verifiers)
 
     def __call__(self, completions: Sequence[str], answers: Sequence[str | None], **columns) -> list[float | None]:
         totals: list[float | None] = [None] * len(completions)
@@ -142,6 +147,73 @@ class WeightedVerifiers:
                 if score is not None:
                     totals[index] = (totals[index] or 0.0) + weight * float(score)
         return totals
+
+
+def _bounded(verifier: Callable) -> bool:
+    """Whether a verifier cannot hang: forklight's own (math bounds itself with its own timeouts)."""
+    return verifier is exact_integer or bool(getattr(verifier, "handles_timeouts", False))
+
+
+MAX_HUNG_VERIFIER_CALLS = 4
+_HUNG: list[threading.Thread] = []  # abandoned verifier calls, while they still run
+
+
+def run_verifier(
+    verifier: Callable, completions: list[str], answers: list[str | None], columns: dict[str, list],
+    timeout_s: float | None,
+) -> tuple[list[float | None], str]:
+    """``(scores, outcome)``: the verifier's scores, or 0.0 for every sample when it fails.
+
+    ``outcome`` is ``"ok"``, ``"error"`` (it raised, or returned the wrong number of scores) or
+    ``"timeout"`` (it ran past ``timeout_s``; the limit is per call, i.e. per batch of completions).
+    A verifier that is not bounded by itself runs in a daemon thread that is abandoned on timeout
+    (Python cannot stop a thread; it finishes or idles in the background without holding the run);
+    while ``MAX_HUNG_VERIFIER_CALLS`` abandoned calls still run, new calls are not started and score
+    0 as timeouts, so a verifier that always hangs cannot pile up threads. ``timeout_s=None`` calls
+    it directly.
+    """
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            scores = list(verifier(completions, answers, **columns))
+            if len(scores) != len(completions):
+                raise ValueError(f"returned {len(scores)} scores for {len(completions)} completions")
+            outcome["scores"] = scores
+        except Exception as error:  # noqa: BLE001 - any failure of user code scores 0
+            outcome["error"] = error
+
+    if timeout_s is None or _bounded(verifier):
+        call()
+    else:
+        _HUNG[:] = [thread for thread in _HUNG if thread.is_alive()]
+        if len(_HUNG) >= MAX_HUNG_VERIFIER_CALLS:
+            log.warning("model.verifier: %d earlier calls still run past model.reward_timeout_s; %d completions "
+                        "score 0 without calling it", len(_HUNG), len(completions))
+            return [0.0] * len(completions), "timeout"
+        worker = threading.Thread(target=call, name="forklight-verifier", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            _HUNG.append(worker)
+            log.warning("model.verifier ran past model.reward_timeout_s=%ss on %d completions; they score 0 "
+                        "(raise model.reward_timeout_s if it is only slow)", timeout_s, len(completions))
+            return [0.0] * len(completions), "timeout"
+    if "error" in outcome:
+        error = outcome["error"]
+        log.warning("model.verifier failed on %d completions (%s: %s); they score 0", len(completions),
+                    type(error).__name__, error)
+        return [0.0] * len(completions), "error"
+    return outcome["scores"], "ok"
+
+
+def gold_answer_parser(verifier: Callable, extract_answer: Callable[[str], str | None]) -> Callable | None:
+    """How the verifier reads a gold answer, where it says so (``exact_integer``, ``math``, or a
+    verifier with an ``extract_answer`` method); None for other user verifiers (not checked)."""
+    first = verifier.verifiers[0] if isinstance(verifier, WeightedVerifiers) else verifier
+    if first is exact_integer or hasattr(first, "extract_answer"):
+        return extract_answer
+    return None
 
 
 VERIFIERS: dict[str, Callable] = {"exact_integer": exact_integer, "math": MathVerifier}

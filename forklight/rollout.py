@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from forklight.data.rendering import left_padded_prompts
+from forklight.sharding import forward_is_collective
 
 
 @dataclass
@@ -64,10 +65,17 @@ def generate_completions(
     top_p: float = 1.0,
     batch_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    suppress_ids: Sequence[int] = (),
 ) -> list[Completion]:
     """Sample one completion per prefix (prefix = prompt ids + tag id). Order is preserved.
 
+    ``suppress_ids`` can never be generated (forklight passes the fork tokens: a completion
+    never contains a tag, whatever a GFPO update did to their output rows).
+
     ``progress(done, total)``, if given, is called after each chunk of ``batch_size`` prefixes.
+    A sharded model (FSDP2, FSDP) generates in step on every rank: a rank whose sequences have
+    all stopped keeps running forward passes until every rank's have (``synced_gpus``), else the
+    ranks still generating would wait for it forever. Ranks must pass equally many prefixes.
     """
     from transformers import GenerationConfig
 
@@ -79,8 +87,10 @@ def generate_completions(
         top_k=None,
         eos_token_id=list(stop_ids),
         pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=list(suppress_ids) or None,
     )
     device = next(model.parameters()).device
+    synced = forward_is_collective(model)
     order = sorted(range(len(prefixes)), key=lambda index: len(prefixes[index]))  # similar lengths together
     completions: list[Completion | None] = [None] * len(prefixes)
     was_training = model.training
@@ -89,7 +99,7 @@ def generate_completions(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             input_ids, attention_mask = left_padded_prompts([prefixes[i] for i in chunk], tokenizer.pad_token_id, device)
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced)
             generated = output[:, input_ids.shape[1] :].tolist()  # [R, <=max_new_tokens]
             for index, tokens in zip(chunk, generated):
                 stop_at = next((t for t, token in enumerate(tokens) if token in stop_ids), None)
@@ -128,7 +138,8 @@ def rollout_groups(
         [int(t) for t in prompt] + [fork_token_ids[tag]] for prompt, group in zip(prompt_ids, tags) for tag in group
     ]
     completions = generate_completions(
-        model, tokenizer, prefixes, stop_ids, max_new_tokens, temperature, top_p, batch_size, progress
+        model, tokenizer, prefixes, stop_ids, max_new_tokens, temperature, top_p, batch_size, progress,
+        suppress_ids=fork_token_ids,
     )
     groups, offset = [], 0
     for question_id, prompt, group in zip(question_ids, prompt_ids, tags, strict=True):

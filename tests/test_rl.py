@@ -160,7 +160,7 @@ def test_gfpo_gradient_ignores_completion_tokens_and_completions_never_get_grad(
 def test_math_verifier_tricky_cases():
     from forklight.rewards import MathVerifier
 
-    verifier = MathVerifier(timeout_s=1)
+    verifier = MathVerifier(timeout_s=3)  # generous: the normal cases must not time out on a busy machine
     completions = ["so \\boxed{\\frac{1}{2}}", "the answer is **73**", "I give up", "\\boxed{5}", "\\boxed{2}"]
     answers = ["0.5", "73", "4", "not a number !!", "\\boxed{9^{9^{9^{9^{9}}}}}"]
     scores = verifier(completions, answers)
@@ -175,7 +175,7 @@ def test_math_verifier_outside_the_main_thread():
 
     from forklight.rewards import MathVerifier
 
-    verifier = MathVerifier(timeout_s=2)
+    verifier = MathVerifier(timeout_s=5)
     with ThreadPoolExecutor(1) as pool:
         scores = pool.submit(verifier, ["\\boxed{0.5}", "nothing"], ["\\frac{1}{2}", "3"]).result()
     assert scores == [1.0, 0.0]
@@ -210,3 +210,25 @@ def test_gfpo_and_grpo_fit_from_an_ssft_run_through_the_cli(tmp_path):
     assert (tmp_path / "grpo" / "version_0" / "checkpoints" / "last.ckpt").exists()
     with pytest.raises(ValueError, match="has 3 fork tokens"):
         main(["fit", "-c", str(CONFIGS / "gfpo.yaml"), *rl_overrides, f"--model.init_args.init_from={export}"])
+
+
+def test_completions_never_contain_a_fork_token(tiny_ssft, monkeypatch):
+    # A GFPO update moves the fork tokens' output rows; generation must still never emit a tag.
+    from forklight.rollout import generate_completions
+
+    module = tiny_ssft(num_fork_tokens=3)
+    with torch.no_grad():
+        module.model.get_output_embeddings().weight[module.fork_token_ids] += 5.0  # tags now dominate the logits
+    prefixes = [p.tolist() + [module.fork_token_ids[0]] for p in toy_batch(2).prompt_ids]
+    free = generate_completions(module.model, module.tokenizer, prefixes, module.stop_ids, 12, 1.0)
+    assert any(t in module.fork_token_ids for c in free for t in c.token_ids)  # the test can fail
+    import forklight.modules.base as base
+
+    seen = {}
+    real = base.generate_completions
+    monkeypatch.setattr(base, "generate_completions", lambda *a, **k: seen.update(k) or real(*a, **k))
+    module.evaluate_batch(toy_batch(1))
+    assert seen["suppress_ids"] == module.fork_token_ids  # the evaluation loop suppresses them
+    suppressed = generate_completions(module.model, module.tokenizer, prefixes, module.stop_ids, 12, 1.0,
+                                      suppress_ids=module.fork_token_ids)
+    assert not any(t in module.fork_token_ids for c in suppressed for t in c.token_ids)

@@ -10,12 +10,14 @@ padding happens when the module assembles rows).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from forklight.data.records import FieldNames, QuestionRecord, RecordError, load_records
 from forklight.data.rendering import (
@@ -54,6 +56,28 @@ class RenderedQuestion:
     sources: list[str | None]
     answer: str | None
     columns: dict
+    location: str = ""  # where the question came from, e.g. "train.jsonl:12"
+
+
+@dataclass
+class SplitValidation:
+    """What validation did to one split: kept questions, skips per reason, truncations, sampling."""
+
+    questions: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> rows or questions skipped
+    truncated_traces: int = 0  # traces cut to data.max_length
+    sampled_questions: int = 0  # questions with more traces than data.max_traces (that many drawn per epoch)
+
+    def summary(self) -> str:
+        """e.g. ``"64 questions; skipped: 2 malformed_json, 1 too_few_traces; 3 traces truncated"``."""
+        parts = [f"{self.questions} questions"]
+        if self.skipped:
+            parts.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())))
+        if self.truncated_traces:
+            parts.append(f"{self.truncated_traces} traces truncated to data.max_length")
+        if self.sampled_questions:
+            parts.append(f"{self.sampled_questions} questions with more traces than data.max_traces (sampled per epoch)")
+        return "; ".join(parts)
 
 
 class QuestionDataset(Dataset):
@@ -81,20 +105,31 @@ class QuestionDataset(Dataset):
             sources=[question.sources[j] for j in keep],
             answer=question.answer,
             columns=question.columns,
+            location=question.location,
         )
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffled order in which each window of ``batch_size * window_batches`` is sorted by length.
+class LengthGroupedSampler(DistributedSampler):
+    """Shuffled order in which each window of ``batch_size * num_replicas * window_batches`` is sorted by length.
 
     Batches then hold questions of similar length (little padding) while the order stays
     random across windows. ``set_epoch`` (called by Lightning) reshuffles and redraws traces.
+
+    Data parallel (``num_replicas`` ranks): every rank computes the same order and cuts it into
+    global batches of ``batch_size * num_replicas`` questions; rank r takes the r-th ``batch_size``
+    of each (a trailing partial global batch is dropped). The ranks see different questions, a
+    question's traces stay together, and R ranks with batch b see exactly the batches one process
+    with batch R*b sees. It is a ``DistributedSampler`` so that Lightning uses it as it is: it wraps
+    any other sampler in one that reshuffles its output, undoing the length grouping.
     """
 
-    def __init__(self, dataset: QuestionDataset, batch_size: int, seed: int, window_batches: int = 32) -> None:
+    def __init__(self, dataset: QuestionDataset, batch_size: int, seed: int, window_batches: int = 32,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.dataset = dataset
         self.lengths = [len(q.prompt_ids) + sum(len(t) for t in q.trace_ids) for q in dataset.questions]
-        self.window = batch_size * window_batches
+        self.batch_size = batch_size
+        self.window = batch_size * num_replicas * window_batches
         self.seed = seed
         self.epoch = 0
 
@@ -103,14 +138,66 @@ class LengthGroupedSampler(Sampler[int]):
         self.dataset.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        if self.num_replicas == 1:
+            return len(self.lengths)
+        return len(self.lengths) // (self.batch_size * self.num_replicas) * self.batch_size
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        for start in range(0, len(order), self.window):
-            window = order[start : start + self.window]
-            yield from sorted(window, key=lambda index: -self.lengths[index])
+        grouped = [index for start in range(0, len(order), self.window)
+                   for index in sorted(order[start : start + self.window], key=lambda index: -self.lengths[index])]
+        if self.num_replicas == 1:
+            yield from grouped
+            return
+        global_batch = self.batch_size * self.num_replicas
+        for start in range(0, len(grouped) - global_batch + 1, global_batch):
+            mine = start + self.rank * self.batch_size
+            yield from grouped[mine : mine + self.batch_size]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that resumes mid-epoch at exactly the next batch.
+
+    Lightning saves ``state_dict()`` (the epoch and the batches served in it) with the fit loop
+    in every checkpoint and, on ``--ckpt_path``, calls ``load_state_dict`` before iterating; the
+    first iteration of that epoch then skips the batches the interrupted run already trained on
+    (they are drawn and dropped, so any sampler, distributed ones included, stays in step).
+    Lightning's data fetcher does not prefetch from a loader with a length, so batches served =
+    batches trained on when a checkpoint is written.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch: int | None = None  # sampler epoch of the current iteration
+        self._served = 0  # batches yielded in the current iteration
+        self._resume: dict | None = None  # state to resume from, consumed by the next matching epoch
+
+    def _sampler_epoch(self) -> int | None:
+        return getattr(self.sampler, "epoch", None)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches_served": self._served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+    def __iter__(self):
+        return self._batches()  # a generator: nothing is drawn before Lightning sets the epoch
+
+    def _batches(self):
+        iterator = super().__iter__()
+        self._epoch, self._served = self._sampler_epoch(), 0
+        resume, self._resume = self._resume, None
+        skip = 0
+        if resume is not None and resume.get("epoch") == self._epoch and resume.get("batches_served", 0) < len(self):
+            skip = resume["batches_served"]
+        for _ in range(skip):
+            next(iterator)
+            self._served += 1
+        for batch in iterator:
+            self._served += 1
+            yield batch
 
 
 def collate_questions(questions: list[RenderedQuestion]) -> TraceSetBatch:
@@ -184,7 +271,9 @@ class ForkDataModule(L.LightningDataModule):
         if train is None and toy is None:
             raise ValueError("set data.train to a data file/dataset, or data.toy for the embedded toy task")
         for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
-                                ("max_length", max_length, 8), ("min_traces", min_traces, 1)):
+                                ("max_length", max_length, 8), ("min_traces", min_traces, 1),
+                                ("max_traces", 1 if max_traces is None else max_traces, 1), ("num_workers", num_workers, 0),
+                                ("val_size", val_size, 0), ("test_size", test_size, 0)):
             if value < low:
                 raise ValueError(f"data.{key} must be >= {low}, got {value}")
         self.save_hyperparameters()
@@ -194,13 +283,15 @@ class ForkDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.datasets: dict[str, QuestionDataset] = {}
         self.reports: list[str] = []
+        self.validation: dict[str, SplitValidation] = {}  # per split, printed at setup (model.setup adds answers)
 
     # ---- reading -------------------------------------------------------------------------
-    def _read(self, path: str) -> list[QuestionRecord]:
+    def _read(self, path: str, split: str) -> list[QuestionRecord]:
         records, report = load_records(
             path, fields=self.fields, layout=self.hparams.layout, on_bad_record=self.hparams.on_bad_record
         )
         self.reports.append(report.summary())
+        self.validation.setdefault(split, SplitValidation()).skipped.update(report.skip_reasons)
         for message in report.skipped:
             log.warning("skipped bad record: %s", message)
         return records
@@ -208,7 +299,7 @@ class ForkDataModule(L.LightningDataModule):
     def _read_splits(self) -> dict[str, list[QuestionRecord]]:
         splits = self._read_toy_splits() if self.toy is not None else self._read_file_splits()
         if self.hparams.predict is not None:  # a predict file works with the toy task too
-            splits["predict"] = self._read(self.hparams.predict)
+            splits["predict"] = self._read(self.hparams.predict, "predict")
         return splits
 
     def _read_toy_splits(self) -> dict[str, list[QuestionRecord]]:
@@ -225,12 +316,12 @@ class ForkDataModule(L.LightningDataModule):
         }
 
     def _read_file_splits(self) -> dict[str, list[QuestionRecord]]:
-        splits = {"train": self._read(self.hparams.train)}
+        splits = {"train": self._read(self.hparams.train, "train")}
         rng = np.random.default_rng(self.hparams.seed)
         for name, size in (("val", self.hparams.val_size), ("test", self.hparams.test_size)):
             given = self.hparams[name]
             if given is not None:
-                splits[name] = self._read(given)
+                splits[name] = self._read(given, name)
             elif size > 0:
                 if size >= len(splits["train"]):
                     raise ValueError(f"data.{name}_size={size} leaves no training questions ({len(splits['train'])} read)")
@@ -247,23 +338,26 @@ class ForkDataModule(L.LightningDataModule):
         hp = self.hparams
         end_id = end_of_turn_id(self.tokenizer, hp.end_token)
         questions, truncated, skipped = [], 0, 0
+        validation = self.validation.setdefault(split, SplitValidation())
         for record in records:
             try:
                 if split == "train" and len(record.traces) < hp.min_traces:
                     raise RecordError(
                         f"{record.location}: question has {len(record.traces)} traces, fewer than "
-                        f"data.min_traces={hp.min_traces}; add traces or lower data.min_traces"
+                        f"data.min_traces={hp.min_traces}; add traces or lower data.min_traces", "too_few_traces"
                     )
                 prompt_ids = render_prompt_ids(self.tokenizer, record, hp.prompt_template, hp.system_prompt)
                 if len(prompt_ids) + 2 > hp.max_length:
                     raise RecordError(
                         f"{record.location}: prompt is {len(prompt_ids)} tokens, leaving no room for a trace "
-                        f"within data.max_length={hp.max_length}; raise data.max_length or shorten the prompt"
+                        f"within data.max_length={hp.max_length}; raise data.max_length or shorten the prompt",
+                        "prompt_too_long",
                     )
             except RecordError as error:
                 if hp.on_bad_record == "error":
                     raise
                 skipped += 1
+                validation.skipped[error.reason] += 1
                 log.warning("skipped bad record: %s", error)
                 continue
             room = hp.max_length - len(prompt_ids) - 1  # tokens left after prompt and tag
@@ -282,14 +376,18 @@ class ForkDataModule(L.LightningDataModule):
                     sources=[trace.source for trace in record.traces],
                     answer=record.answer,
                     columns=record.columns,
+                    location=record.location,
                 )
             )
+            if split == "train" and self.max_traces is not None and len(record.traces) > self.max_traces:
+                validation.sampled_questions += 1
         if truncated:
             log.warning(
                 "%s: %d traces longer than data.max_length=%d were truncated (their end-of-turn token is lost)",
                 split, truncated, hp.max_length,
             )
         self.reports.append(f"{split}: {len(questions)} questions, {truncated} traces truncated, {skipped} skipped")
+        validation.questions, validation.truncated_traces = len(questions), truncated
         return questions
 
     def setup(self, stage: str | None = None) -> None:
@@ -304,14 +402,23 @@ class ForkDataModule(L.LightningDataModule):
             raise ValueError("no training questions left after validation; check the data and data.on_bad_record")
         for line in self.reports:
             log.info("data: %s", line)
+        rank_zero_info(self.validation_summary())
+
+    def validation_summary(self) -> str:
+        """What setup's validation kept, skipped (per reason), truncated and sampled, per split."""
+        lines = [f"forklight data validation (data.on_bad_record={self.hparams.on_bad_record}):"]
+        lines += [f"  {split}: {report.summary()}" for split, report in self.validation.items()]
+        return "\n".join(lines)
 
     # ---- loaders -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            sampler=LengthGroupedSampler(dataset, self.hparams.batch_size, self.hparams.seed),
+            # Under DDP/FSDP each rank takes its own questions ({num_replicas, rank} from the strategy).
+            sampler=LengthGroupedSampler(dataset, self.hparams.batch_size, self.hparams.seed,
+                                         **((self.trainer.distributed_sampler_kwargs if self.trainer else None) or {})),
             collate_fn=collate_questions,
             num_workers=self.hparams.num_workers,
             drop_last=True,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,14 @@ class FieldNames:
 
 
 class RecordError(ValueError):
-    """A bad input record: the message names the file, line (or row) and what to do."""
+    """A bad input record: the message names the file, line (or row) and what to do.
+
+    ``reason`` is a short key counted in the validation summary (e.g. ``malformed_json``).
+    """
+
+    def __init__(self, message: str, reason: str = "unreadable_source") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 LAYOUTS = ("auto", "grouped", "flat")
@@ -70,6 +78,7 @@ class LoadReport:
     rows_read: int = 0  # raw rows/lines seen (blank jsonl lines not counted)
     questions: int = 0  # records returned
     skipped: list[str] = field(default_factory=list)  # one full error message per skipped row
+    skip_reasons: Counter[str] = field(default_factory=Counter)  # RecordError.reason -> rows skipped
 
     def summary(self) -> str:
         """One line for the log, e.g. ``"train.jsonl: 120 rows -> 30 questions, 2 skipped"``."""
@@ -122,7 +131,7 @@ def parse_record_rows(
             if isinstance(row, RecordError):
                 raise row
             if not isinstance(row, dict):
-                raise _bad(loc, f"row is {_show(row)}, not a JSON object", "write one object per row")
+                raise _bad(loc, f"row is {_show(row)}, not a JSON object", "write one object per row", "not_an_object")
             if layout == "flat":
                 _add_flat(loc, row, fields, groups)
             else:
@@ -131,6 +140,7 @@ def parse_record_rows(
             if on_bad_record == "error":
                 raise
             report.skipped.append(str(err))
+            report.skip_reasons[err.reason] += 1
     report.questions = len(groups)
     return list(groups.values())
 
@@ -140,9 +150,12 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
-def _bad(loc: str, what: str, fix: str) -> RecordError:
-    """The error for a bad row, in the form ``"<location>: <what is wrong>; <how to fix>"``."""
-    return RecordError(f"{loc}: {what}; {fix}")
+def _bad(loc: str, what: str, fix: str, reason: str = "bad_field") -> RecordError:
+    """The error for a bad row, in the form ``"<location>: <what is wrong>; <how to fix>"``.
+
+    ``reason`` (counted when skipping): ``bad_field`` is an empty or wrong-typed field.
+    """
+    return RecordError(f"{loc}: {what}; {fix}", reason)
 
 
 def _show(value: Any) -> str:
@@ -193,14 +206,14 @@ def _read_jsonl(path: str) -> Iterator[tuple[str, Row | RecordError]]:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             what = f"line is not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
-            yield loc, _bad(loc, what, "save the file as UTF-8")
+            yield loc, _bad(loc, what, "save the file as UTF-8", "not_utf8")
             continue
         if not line.strip():
             continue
         try:
             yield loc, json.loads(line)
         except json.JSONDecodeError as err:
-            yield loc, _bad(loc, f"malformed JSON ({err})", "write one complete JSON object per line")
+            yield loc, _bad(loc, f"malformed JSON ({err})", "write one complete JSON object per line", "malformed_json")
 
 
 def _read_json(path: str) -> Iterator[tuple[str, Row | RecordError]]:
@@ -223,7 +236,8 @@ def _detect_layout(loc: str, row: Row, f: FieldNames) -> str:
     if f.trace in row:
         return "flat"
     raise _bad(loc, f"cannot tell the layout: the first row has neither '{f.traces}' (grouped) nor "
-               f"'{f.trace}' (flat)", "add one of them, set the trace field names or pass layout explicitly")
+               f"'{f.trace}' (flat)", "add one of them, set the trace field names or pass layout explicitly",
+               "unknown_layout")
 
 
 Question = tuple[str | None, list[dict[str, str]] | None, str | None, str | None]
@@ -234,7 +248,7 @@ def _question(loc: str, row: Row, f: FieldNames) -> Question:
     prompt, messages, answer, qid = (row.get(name) for name in (f.prompt, f.messages, f.answer, f.id))
     if prompt is None and messages is None:
         raise _bad(loc, f"neither '{f.prompt}' nor '{f.messages}' is present",
-                   f"give the question as '{f.prompt}' (a string) or '{f.messages}' (chat messages)")
+                   f"give the question as '{f.prompt}' (a string) or '{f.messages}' (chat messages)", "missing_field")
     if prompt is not None and not (isinstance(prompt, str) and prompt.strip()):
         raise _bad(loc, f"field '{f.prompt}' must be a non-empty string, got {_show(prompt)}",
                    "give the question text as a string")
@@ -277,11 +291,11 @@ def _add_grouped(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRe
     items = row.get(f.traces)
     fix = "give at least one trace or remove the question"
     if items is None:
-        raise _bad(loc, f"field '{f.traces}' is missing", f"{fix} (flat files: pass layout='flat')")
+        raise _bad(loc, f"field '{f.traces}' is missing", f"{fix} (flat files: pass layout='flat')", "missing_field")
     if not isinstance(items, list):
         raise _bad(loc, f"field '{f.traces}' must be a list of traces, got {_show(items)}", fix)
     if not items:
-        raise _bad(loc, f"field '{f.traces}' is an empty list", fix)
+        raise _bad(loc, f"field '{f.traces}' is an empty list", fix, "empty_traces")
     traces = []
     for i, item in enumerate(items):
         text = item.get(f.text) if isinstance(item, dict) else item
@@ -293,7 +307,7 @@ def _add_grouped(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRe
     qid = qid if qid is not None else loc
     if qid in groups:
         raise _bad(loc, f"duplicate id '{qid}' (first used at {groups[qid].location})",
-                   "give every question a unique id, or merge the two questions")
+                   "give every question a unique id, or merge the two questions", "duplicate_id")
     columns = {k: v for k, v in row.items() if k not in (f.id, f.prompt, f.messages, f.answer, f.traces)}
     groups[qid] = QuestionRecord(qid, prompt, messages, answer, traces, loc, columns)
 
@@ -303,7 +317,7 @@ def _add_flat(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRecor
     prompt, messages, answer, qid = _question(loc, row, f)
     text = row.get(f.trace)
     if text is None:
-        raise _bad(loc, f"field '{f.trace}' is missing", "give the trace text, or pass layout='grouped'")
+        raise _bad(loc, f"field '{f.trace}' is missing", "give the trace text, or pass layout='grouped'", "missing_field")
     if not (isinstance(text, str) and text.strip()):
         raise _bad(loc, f"field '{f.trace}' must be a non-empty string, got {_show(text)}",
                    "fix the trace or remove the row")
@@ -321,8 +335,10 @@ def _add_flat(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRecor
     name = f"'{qid}'" if qid is not None else "with the same prompt"
     if (record.prompt, record.messages) != (prompt, messages):
         what = f"question {name} conflicts with {record.location} (different {f.prompt}/{f.messages})"
-        raise _bad(loc, what, "rows of one question must repeat the same question; fix the text or the id")
+        raise _bad(loc, what, "rows of one question must repeat the same question; fix the text or the id",
+                   "conflicting_duplicate")
     if record.answer != answer:
         raise _bad(loc, f"question {name} conflicts with {record.location} (different {f.answer}: "
-                   f"{answer!r} vs {record.answer!r})", "rows of one question must have the same answer")
+                   f"{answer!r} vs {record.answer!r})", "rows of one question must have the same answer",
+                   "conflicting_duplicate")
     record.traces.append(trace)

@@ -4,7 +4,8 @@ Model and tokenizer setup (any Hugging Face causal LM, or a tiny Llama-style mod
 config), the forking tokens, the optimiser and schedule, and the evaluation loop of DESIGN.md §2:
 for every question and every tag, ``n_per_tag`` samples, scored by the verifier, reported per tag
 and overall (pass@1, pass@k, cons@N, purity, length, distinctness). Methods (SSFT, GFPO, GRPO)
-subclass it and add their ``training_step``.
+subclass it and add their ``training_step``. Under FSDP2 (``configs/strategies/fsdp2.yaml``)
+``configure_model`` shards the model's transformer blocks (DESIGN.md §7, ``forklight/sharding.py``).
 """
 
 from __future__ import annotations
@@ -14,18 +15,25 @@ import inspect
 import json
 import math
 import os
+import random
+from collections import Counter
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 
+from forklight.data.records import RecordError
 from forklight.data.rendering import TOY_TOKENIZER, TraceSetBatch, end_of_turn_id, load_tokenizer
 from forklight.evaluation import QuestionEvaluation, evaluation_metrics, used_tags
 from forklight.forking import add_fork_tokens, fork_log_policy, fork_token_names, init_fork_embeddings
-from forklight.rewards import resolve_callable, resolve_verifier
+from forklight.rewards import gold_answer_parser, resolve_callable, resolve_verifier, run_verifier
 from forklight.rollout import generate_completions
+from forklight.sharding import fully_shard_model
 
 FORK_POLICIES = ("learned", "argmax", "coverage", "fixed", "uniform")
+ON_NONFINITE = ("error", "skip")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -114,6 +122,7 @@ class ForkModule(L.LightningModule):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        shard_block_classes: list[str] | None = None,
         num_fork_tokens: int = 6,
         fork_token_format: str = "<think{i}>",
         fork_init_noise: float = 0.1,
@@ -131,7 +140,9 @@ class ForkModule(L.LightningModule):
         fork_policy: str = "coverage",
         fixed_tag: int = 0,
         verifier: str | dict | list[str | dict] = "exact_integer",
+        reward_timeout_s: float | None = 60.0,
         strategy_classifier: str | None = None,
+        on_nonfinite: str = "error",
         seed: int = 0,
     ) -> None:
         """Shared model setup and evaluation.
@@ -145,7 +156,10 @@ class ForkModule(L.LightningModule):
             tokenizer: tokenizer name or path; default ``name_or_path``, or ``toy`` (character tokenizer).
             dtype: weight dtype (``float32``, ``bfloat16``, ``float16``); unset keeps the checkpoint's.
             trust_remote_code: run a model repository's own code (off unless you trust it).
-            gradient_checkpointing: recompute activations in backward to save memory.
+            gradient_checkpointing: recompute activations in backward to save memory (non-reentrant: works
+                under DDP, FSDP and FSDP2).
+            shard_block_classes: class names of the transformer blocks that FSDP2 (and the FSDP wrap policy)
+                shard one by one; default the Hugging Face model's ``_no_split_modules``.
             num_fork_tokens: N, the number of forking tokens ``<think1>..<thinkN>``.
             fork_token_format: name of fork token i (1-based), must contain ``{i}``.
             fork_init_noise: std of the seeded perturbation of new fork embeddings, relative to the rows' std.
@@ -165,7 +179,12 @@ class ForkModule(L.LightningModule):
             fixed_tag: tag index (0-based) used by ``fork_policy: fixed``.
             verifier: ``exact_integer``, ``math`` (math-verify), ``package.module:function``,
                 ``{class_path, init_args, weight}``, or a list of these (weighted sum of scores).
+            reward_timeout_s: seconds a verifier call may take (a user verifier runs in a worker thread);
+                a call that raises or runs past it scores 0 for its samples and is counted
+                (``rollout/reward_errors``, ``rollout/reward_timeouts``, ``val/...``). null = no limit.
             strategy_classifier: ``package.module:function`` naming the strategy of a completion (enables purity).
+            on_nonfinite: a NaN/inf training loss ``error`` (stop, naming the step and the questions) or
+                ``skip`` (no update for that step, counted in ``train/nonfinite_skipped``).
             seed: seed of the fork-token initialisation, fresh weights, matching and sampling.
         """
         super().__init__()
@@ -200,6 +219,8 @@ class ForkModule(L.LightningModule):
         if metadata.get("tag_coverage"):  # an export's default tag carries over
             self.tag_coverage.copy_(torch.tensor(metadata["tag_coverage"], dtype=self.tag_coverage.dtype))
         self.model = None
+        self.fault_counts: Counter[str] = Counter()  # reward_errors, reward_timeouts, nonfinite_skipped (saved)
+        self._evaluation_faults: Counter[str] = Counter()  # reward faults of the running evaluation
         self._evaluations: list[QuestionEvaluation] = []
         self.last_evaluation: list[QuestionEvaluation] = []  # read by callbacks (samples, views)
 
@@ -229,9 +250,101 @@ class ForkModule(L.LightningModule):
                 raise ValueError(f"model.{key} must be >= 1, got {hp[key]}")
         if hp.learning_rate <= 0:
             raise ValueError(f"model.learning_rate must be > 0, got {hp.learning_rate}")
+        if hp.reward_timeout_s is not None and hp.reward_timeout_s <= 0:
+            raise ValueError(f"model.reward_timeout_s must be > 0 seconds or null, got {hp.reward_timeout_s}")
+        if hp.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"model.on_nonfinite must be one of {ON_NONFINITE}, got {hp.on_nonfinite!r}")
         samples = hp.num_fork_tokens * hp.n_per_tag
         if hp.pass_k is not None and not 1 <= hp.pass_k <= samples:
             raise ValueError(f"model.pass_k must be in [1, num_fork_tokens * n_per_tag = {samples}], got {hp.pass_k}")
+
+    # ---- input validation (DESIGN.md §3: before any training step) -------------------------
+    GOLD_ANSWER_SPLITS: tuple[str, ...] = ("val", "test")  # splits whose answers the verifier scores
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        validation = getattr(datamodule, "validation", None)
+        if not hasattr(datamodule, "datasets"):  # not a ForkDataModule: nothing forklight can check
+            return
+        self.check_gold_answers(datamodule)
+        if validation and self.trainer.logger is not None and self.trainer.is_global_zero:
+            counts = {f"data/{split}/questions": report.questions for split, report in validation.items()}
+            counts |= {f"data/{split}/skipped/{reason}": n for split, report in validation.items()
+                       for reason, n in report.skipped.items()}
+            self.trainer.logger.log_metrics(counts, step=0)
+
+    def check_gold_answers(self, datamodule) -> None:
+        """Every gold answer of the splits the verifier scores must be readable by it.
+
+        Missing or unparseable answers raise, naming the question and its file:line, or under
+        ``data.on_bad_record: skip`` are dropped and counted (``missing_answer``, ``unparseable_answer``).
+        A user verifier without an ``extract_answer`` method is not checked.
+        """
+        parse = gold_answer_parser(self.verifier, self.extract_answer)
+        if parse is None:
+            return
+        skip = datamodule.hparams.get("on_bad_record", "error") == "skip"
+        for split in self.GOLD_ANSWER_SPLITS:
+            dataset = datamodule.datasets.get(split)
+            if dataset is None:
+                continue
+            kept, bad = [], Counter()
+            for question in dataset.questions:
+                reason = "missing_answer" if question.answer is None else (
+                    "unparseable_answer" if parse(question.answer) is None else None)
+                if reason is None:
+                    kept.append(question)
+                    continue
+                if not skip:
+                    what = ("has no gold answer" if question.answer is None
+                            else f"has a gold answer {question.answer!r} that model.verifier cannot parse")
+                    raise RecordError(f"{question.location or split}: question '{question.id}' ({split} split) {what}; "
+                                      "fix the answer, choose a model.verifier that reads it, or set "
+                                      "data.on_bad_record=skip", reason)
+                bad[reason] += 1
+            if bad:
+                dataset.questions[:] = kept
+                if split in getattr(datamodule, "validation", {}):
+                    datamodule.validation[split].skipped.update(bad)
+                    datamodule.validation[split].questions = len(kept)
+                rank_zero_info(f"forklight data validation: {split}: skipped "
+                               + ", ".join(f"{n} {reason}" for reason, n in sorted(bad.items())))
+
+    # ---- faults in training ----------------------------------------------------------------
+    def score(self, completions: list[str], answers: list[str | None], columns: dict[str, list]) -> tuple[list, str]:
+        """Verifier scores (``model.reward_timeout_s``; a failure scores 0), and the outcome counted."""
+        scores, outcome = run_verifier(self.verifier, completions, answers, columns, self.hparams.reward_timeout_s)
+        if outcome != "ok":
+            key = "reward_errors" if outcome == "error" else "reward_timeouts"
+            self.fault_counts[key] += len(completions)
+        return scores, outcome
+
+    def skip_nonfinite(self, loss: torch.Tensor, batch: TraceSetBatch, batch_idx: int) -> bool:
+        """True when this step must be skipped: the loss is NaN/inf on some rank and ``model.on_nonfinite``
+        is ``skip``; under ``error`` it raises, naming the step, the batch and its questions."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None:  # every rank decides the same, so no rank waits in a collective
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return False
+        if self.hparams.on_nonfinite == "error":
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.detach().float().cpu().tolist()}) at step {self.global_step}, "
+                f"batch {batch_idx} (question ids {list(batch.ids)}); lower model.learning_rate, check these "
+                "questions, or set model.on_nonfinite=skip to skip such steps"
+            )
+        self.fault_counts["nonfinite_skipped"] += 1
+        rank_zero_info(f"forklight: non-finite loss at step {self.global_step}, batch {batch_idx} (questions "
+                       f"{list(batch.ids)}): update skipped ({self.fault_counts['nonfinite_skipped']} so far)")
+        return True
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Reseed the global RNGs from (seed, step, rank): randomness forklight does not seed itself
+        (dropout, a user's code) then repeats exactly in a run resumed from a checkpoint."""
+        seed = (self.hparams.seed * 1_000_003 + self.global_step * 7919 + self.global_rank * 104_729 + 17) % 2**32
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
 
     # ---- model ---------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -248,11 +361,38 @@ class ForkModule(L.LightningModule):
         model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         model.generation_config.eos_token_id = self.stop_ids
         if hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = model.train()  # from_pretrained returns eval mode; Lightning switches modes itself
         if self._init_source is not None and self._init_source["kind"] == "checkpoint":
             self._load_start_checkpoint(self._init_source["path"])
+        self.on_model_built()
+        self._matrix_names = {name for name, p in self.named_parameters() if p.ndim >= 2}
+        self.model = self.shard(self.model)
+
+    def on_model_built(self) -> None:
+        """Called by ``configure_model`` once the model is built and its starting weights loaded,
+        before it is sharded: where a method changes the model (freezing, a frozen copy)."""
+
+    def shard(self, model):
+        """FSDP2 (``ModelParallelStrategy`` gives the module a device mesh): ``fully_shard`` each
+        transformer block, then the whole model. Without a mesh (one device, DDP, FSDP) unchanged."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return model
+        if mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"ModelParallelStrategy has tensor_parallel_size={mesh['tensor_parallel'].size()}, but forklight "
+                "shards with FSDP2 only: set trainer.strategy.init_args.tensor_parallel_size=1 and "
+                "data_parallel_size = trainer.num_nodes * trainer.devices (configs/strategies/fsdp2.yaml)"
+            )
+        return fully_shard_model(model, mesh["data_parallel"], self.hparams.shard_block_classes)
+
+    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the data-parallel ranks (a copy; ``value`` itself on one process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value.detach().clone(), reduce_op="sum")
 
     def _load_start_checkpoint(self, path: str) -> None:
         """Model weights and tag coverage of a forklight ``.ckpt`` (a resume then loads over them)."""
@@ -285,9 +425,13 @@ class ForkModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in parameters if p.ndim >= 2]
-        no_decay = [p for p in parameters if p.ndim < 2]
+        # Matrices decay. FSDP flattens parameters into 1-D shards, so they are told by name (without
+        # its wrapper prefixes) from the shapes configure_model saw.
+        matrices = getattr(self, "_matrix_names", None)
+        parameters = [(name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""), p)
+                      for name, p in self.named_parameters() if p.requires_grad]
+        decay = [p for name, p in parameters if (name in matrices if matrices is not None else p.ndim >= 2)]
+        no_decay = [p for name, p in parameters if (name not in matrices if matrices is not None else p.ndim < 2)]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay()}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.learning_rate,
@@ -311,6 +455,10 @@ class ForkModule(L.LightningModule):
             "tokenizer_json": self.tokenizer.backend_tokenizer.to_str() if self.tokenizer.is_fast else None,
             "chat_template": getattr(self.tokenizer, "chat_template", None),
         }
+        checkpoint["forklight_faults"] = dict(self.fault_counts)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.fault_counts = Counter(checkpoint.get("forklight_faults", {}))
 
     # ---- evaluation (DESIGN.md §2) ---------------------------------------------------------
     def _sampling_seed(self, batch_idx: int) -> int:
@@ -331,15 +479,16 @@ class ForkModule(L.LightningModule):
                 self.model, self.tokenizer, prefixes, self.stop_ids, hp.max_new_tokens,
                 hp.eval_temperature, hp.eval_top_p, hp.generation_batch_size,
                 progress=getattr(self, "generation_progress", None),  # set by callbacks.GenerationProgress
+                suppress_ids=self.fork_token_ids,
             )
             policy = self.fork_policy_of(batch.prompt_ids).exp().tolist()  # [B][N]
         texts = [completion.text for completion in completions]
         answers = [answer for answer in batch.answers for _ in range(num_tags * n)]
         columns = {key: [row.get(key) for row in batch.columns for _ in range(num_tags * n)]
                    for key in (batch.columns[0] if batch.columns else {})}
-        scores = self.verifier(texts, answers, **columns)
-        if len(scores) != len(texts):
-            raise ValueError(f"model.verifier returned {len(scores)} scores for {len(texts)} completions")
+        scores, outcome = self.score(texts, answers, columns)
+        if outcome != "ok":
+            self._evaluation_faults["reward_errors" if outcome == "error" else "reward_timeouts"] += len(texts)
         results = []
         per_question = num_tags * n
         for q, question_id in enumerate(batch.ids):
@@ -422,9 +571,13 @@ class ForkModule(L.LightningModule):
         return used_tags(self.tag_coverage.tolist())
 
     def _log_evaluation(self, stage: str) -> None:
+        faults, self._evaluation_faults = self._evaluation_faults, Counter()
+        for key in ("reward_errors", "reward_timeouts"):  # samples scored 0 because the verifier failed
+            self.log(f"{stage}/{key}", float(faults[key]), sync_dist=True, reduce_fx="sum")
         evaluations = self._gather_evaluations()
         self.last_evaluation = evaluations
         if not evaluations:
             return
         for key, value in self.evaluation_metrics(evaluations).items():
-            self.log(f"{stage}/{key}", value, rank_zero_only=True, sync_dist=False)
+            # Every rank holds the same gathered evaluations, hence the same value: max keeps it exactly.
+            self.log(f"{stage}/{key}", value, sync_dist=True, reduce_fx="max")

@@ -25,6 +25,7 @@ every weight through the prompts' forward pass.
 from __future__ import annotations
 
 import torch
+from torch.utils.data import DataLoader
 
 from forklight.forking import fork_log_policy
 from forklight.losses import categorical_entropy, gfpo_loss, stratified_gfpo_loss
@@ -63,18 +64,25 @@ class GFPOModule(RLModule):
         self.save_init_hyperparameters()
         self.ref_log_policy: dict[str, torch.Tensor] = {}  # question id -> log pi_ref(. | x), [N]
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        super().configure_model()
+    def on_model_built(self) -> None:
         if self.hparams.trainable == "head":
             for parameter in self.model.parameters():
                 parameter.requires_grad_(False)
             head = self.model.get_output_embeddings().weight  # [V, D]
             head.requires_grad_(True)
-            rows = torch.zeros(head.shape[0], 1, dtype=head.dtype, device=head.device)
+            rows = torch.zeros(head.shape[0], 1, dtype=head.dtype, device=head.device)  # [V, 1]
             rows[self.fork_token_ids] = 1.0
+            self._fork_rows = rows
             head.register_hook(lambda grad: grad * rows.to(grad.device))  # only the fork rows learn
+
+    def on_after_backward(self) -> None:
+        """FSDP2 replaces the head parameter (and its hook) by a sharded one: mask its gradient here."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        grad = self.model.get_output_embeddings().weight.grad
+        if self.hparams.trainable == "head" and isinstance(grad, DTensor):
+            rows = distribute_tensor(self._fork_rows.to(grad.device), grad.device_mesh, grad.placements, src_data_rank=None)
+            grad.mul_(rows)  # [V, D] * [V, 1], both sharded by rows
 
     def weight_decay(self) -> float:
         if self.hparams.trainable == "head":  # decoupled weight decay would shrink every output row
@@ -85,7 +93,10 @@ class GFPOModule(RLModule):
     def on_fit_start(self) -> None:
         if self.hparams.kl_coef > 0 and not self.ref_log_policy:
             ids, prompts = [], []
-            for batch in self.trainer.datamodule.train_dataloader():
+            loader = self.trainer.datamodule.train_dataloader()
+            # Every question on every rank: a rank's share of the data changes with the epoch, and
+            # under FSDP every rank must run the same forward passes.
+            for batch in DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn):
                 ids.extend(batch.ids)
                 prompts.extend(batch.prompt_ids)
             chunk = self.hparams.generation_batch_size
@@ -98,6 +109,7 @@ class GFPOModule(RLModule):
         checkpoint["forklight_ref_log_policy"] = self.ref_log_policy
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.ref_log_policy = dict(checkpoint.get("forklight_ref_log_policy", {}))
 
     # ---- one step ---------------------------------------------------------------------------

@@ -40,12 +40,9 @@ class GRPOModule(RLModule):
         self.save_init_hyperparameters()
         self._reference: list = []  # the frozen starting model (kl_coef > 0), kept out of the module tree
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        super().configure_model()  # starting weights (init_from) are loaded here, before any resume
-        if self.hparams.kl_coef > 0:
-            self._reference = [copy.deepcopy(self.model).eval().requires_grad_(False)]
+    def on_model_built(self) -> None:  # starting weights (init_from) are loaded, no resume yet, not sharded
+        if self.hparams.kl_coef > 0:  # FSDP2 shards the frozen copy like the policy
+            self._reference = [self.shard(copy.deepcopy(self.model).eval().requires_grad_(False))]
 
     @property
     def reference_model(self):

@@ -20,6 +20,8 @@ from forklight.rollout import RolloutGroup, rollout_groups
 
 
 class RLModule(ForkModule):
+    GOLD_ANSWER_SPLITS = ("train", "val", "test")  # rewards need the training answers too
+
     def __init__(
         self,
         group_size: int = 8,
@@ -76,15 +78,20 @@ class RLModule(ForkModule):
             )
 
     def rewards(self, batch, groups: list[RolloutGroup]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rewards, valid), both [B, G]: verifier scores; ``valid`` False where it returned None."""
+        """(rewards, valid), both [B, G]: verifier scores; ``valid`` False where it returned None.
+
+        A verifier that raises or runs past ``model.reward_timeout_s`` scores 0 for the whole batch
+        (counted in ``rollout/reward_errors`` / ``rollout/reward_timeouts``); the run goes on.
+        """
         texts = [completion.text for group in groups for completion in group.completions]
         sizes = [len(group.completions) for group in groups]
         answers = [answer for answer, size in zip(batch.answers, sizes) for _ in range(size)]
         keys = batch.columns[0] if batch.columns else {}
         columns = {key: [row.get(key) for row, size in zip(batch.columns, sizes) for _ in range(size)] for key in keys}
-        scores = self.verifier(texts, answers, **columns)
-        if len(scores) != len(texts):
-            raise ValueError(f"model.verifier returned {len(scores)} scores for {len(texts)} completions")
+        scores, outcome = self.score(texts, answers, columns)
+        size = len(groups)
+        self.log("rollout/reward_errors", float(len(texts) if outcome == "error" else 0), batch_size=size)
+        self.log("rollout/reward_timeouts", float(len(texts) if outcome == "timeout" else 0), batch_size=size)
         grid = np.array([np.nan if s is None else float(s) for s in scores], dtype=np.float32).reshape(len(groups), -1)
         valid = torch.from_numpy(~np.isnan(grid))
         return torch.from_numpy(np.nan_to_num(grid, nan=0.0)), valid
@@ -122,14 +129,18 @@ class RLModule(ForkModule):
         for iteration in range(hp.num_iterations):
             parts = self.update_loss(context, iteration)
             optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(parts["loss"])
-            if hp.max_grad_norm is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-            optimizer.step()
+            skipped = self.skip_nonfinite(parts["loss"], batch, batch_idx)  # decided alike on every rank
+            if not skipped:  # skipped: no gradient, so no update
+                self.manual_backward(parts["loss"])
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()  # the step counts towards max_steps either way, as with SSFT
             scheduler.step()
         updated = time.perf_counter()
         size = len(batch)
-        self.log("train/loss", parts["loss"].detach(), prog_bar=True, batch_size=size)
+        if not skipped:  # all ranks or none: the mean over ranks (each has its own questions) is safe
+            self.log("train/loss", parts["loss"].detach(), prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train/nonfinite_skipped", float(self.fault_counts["nonfinite_skipped"]), batch_size=size)
         for key in ("kl", "clip_frac", "entropy"):
             if key in parts:
                 self.log(f"train/{key}", parts[key], batch_size=size)

@@ -12,6 +12,9 @@ Per question with traces ``r_1..r_M`` and tags ``g_1..g_N`` (N >= M), each train
 3. loss, with gradient: NTP loss of every trace after its matched tag, summed over tokens and
    divided by the number of supervised tokens in the batch; unmatched tags get no loss.
 
+Data parallel (``configs/strategies/``): each rank matches its own questions; the loss is divided
+by the supervised tokens of all ranks' batches, so R processes with batch b step as one with R*b.
+
 ``matching`` selects the baselines of the same module: ``random`` (a random injective map each
 step, the paper's collapse ablation), ``fixed`` (trace j -> tag j) and ``single`` (every trace
 to tag 1: SFT-mixed; use it with ``num_fork_tokens: 1``).
@@ -29,9 +32,10 @@ import numpy as np
 import torch
 
 from forklight.data.rendering import TraceSetBatch, assemble_rows
-from forklight.losses import grouped_mean_nll, summed_nll
+from forklight.losses import data_parallel_token_mean, grouped_mean_nll, summed_nll
 from forklight.matching import MATCHING_MODES, assignment_cost, expected_random_cost, match_traces_to_tags
 from forklight.modules.base import ForkModule
+from forklight.sharding import forward_is_collective
 
 
 class SSFTModule(ForkModule):
@@ -103,6 +107,10 @@ class SSFTModule(ForkModule):
             targets = torch.cat([s.cpu() for _, _, s in scored])  # [K]
             owners = torch.cat([torch.full((len(s),), i) for i, (_, _, s) in enumerate(scored)])  # [K]
             costs[members] = grouped_mean_nll(logits, rows, positions, targets, owners, len(members)).float().cpu()
+        if forward_is_collective(self.model):  # FSDP: as many forward passes as the busiest rank, or it waits
+            busiest = self.trainer.strategy.reduce(torch.tensor(len(by_chunk), device=self.device), reduce_op="max")
+            for _ in range(int(busiest) - len(by_chunk)):
+                self.model(input_ids=torch.full((1, 1), self.tokenizer.pad_token_id, device=self.device))
         self.model.train(was_training)
         flat = costs.numpy()  # ordered [question, tag, trace]
         matrices, offset = [], 0
@@ -129,7 +137,12 @@ class SSFTModule(ForkModule):
         return assignments
 
     def matched_loss(self, batch: TraceSetBatch, assignments: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, supervised tokens): NTP loss of every trace after its matched tag (step 3)."""
+        """(loss, supervised tokens): NTP loss of every trace after its matched tag (step 3).
+
+        Divided by the supervised tokens of the global batch (all data-parallel ranks), which are
+        returned: with DDP's or FSDP's gradient averaging, R processes with batch b take the same
+        step as one process with batch R*b (:func:`~forklight.losses.data_parallel_token_mean`).
+        """
         prompts, tags, traces = [], [], []
         for prompt, question_traces, assignment in zip(batch.prompt_ids, batch.trace_ids, assignments):
             for trace, tag in zip(question_traces, assignment):
@@ -141,19 +154,26 @@ class SSFTModule(ForkModule):
         # loss, so no attention mask is needed (the masked path is ~1.5x slower on CPU).
         logits = self.model(input_ids=rows.input_ids).logits  # [B*M, T, V]
         nll_sum, num_tokens = summed_nll(logits, rows.labels)
-        return nll_sum / num_tokens.clamp_min(1.0), num_tokens
+        global_tokens = self.sum_over_ranks(num_tokens)
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        return data_parallel_token_mean(nll_sum, global_tokens, world_size), global_tokens
 
-    def training_step(self, batch: TraceSetBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: TraceSetBatch, batch_idx: int) -> torch.Tensor | None:
         started = time.perf_counter()
         assignments = self.match(batch)
         matched = time.perf_counter()
         loss, num_tokens = self.matched_loss(batch, assignments)
+        skipped = self.skip_nonfinite(loss, batch, batch_idx)  # raises under model.on_nonfinite=error
+        self.log("train/nonfinite_skipped", float(self.fault_counts["nonfinite_skipped"]), batch_size=len(batch))
+        if skipped:
+            return None  # Lightning then takes no backward and no update; the step still counts
 
-        usage = np.bincount(np.concatenate(assignments), minlength=len(self.fork_token_ids))  # [N]
+        usage = np.bincount(np.concatenate(assignments), minlength=len(self.fork_token_ids))  # [N], this rank
+        usage = self.sum_over_ranks(torch.as_tensor(usage, device=self.device)).cpu().numpy()  # [N], global batch
         self.tag_coverage += torch.as_tensor(usage, dtype=self.tag_coverage.dtype, device=self.tag_coverage.device)
         self.last_assignments = [(sources, a.tolist()) for sources, a in zip(batch.sources, assignments)]
         size = len(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)  # mean over ranks: the global loss
         for tag, count in enumerate(usage):
             self.log(f"fork/usage/tag{tag + 1}", float(count / usage.sum()), batch_size=size)
         if self.last_match_cost_gap is not None:
