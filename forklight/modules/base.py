@@ -202,7 +202,7 @@ class ForkModule(L.LightningModule):
             self._hparam_overrides = {**identity, "init_from": self._init_source["path"]}
             self._hparam_overrides["tokenizer"] = tokenizer_name(identity.get("tokenizer"), identity.get("name_or_path"))
         self.save_init_hyperparameters()
-        hp = self.hparams  # read identity from here: a subclass may fix it (e.g. RL's init_from)
+        hp = self.hparams  # read the identity from here: init_from may have fixed it
         self._check_ranges()
         self.tokenizer = load_tokenizer(hp.tokenizer, trust_remote_code)
         self._vocab_before_fork_tokens = len(self.tokenizer)
