@@ -25,6 +25,18 @@ from forklight.modules.base import IDENTITY_KEYS, ForkModule, tokenizer_name
 CHECKPOINT_MODEL_KEYS = (*IDENTITY_KEYS, "init_from")
 
 
+def constructor_errors(message: str) -> list[str]:
+    """The constructors' own messages inside a jsonargparse union error (empty if it is not one)."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return []
+    reasons = []
+    for line in message.splitlines():
+        text = line.strip()
+        if text.startswith("- ") and not text.startswith("- Expected a <class 'NoneType'>"):
+            reasons.append(text[2:])
+    return reasons
+
+
 class ForkLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data module tokenises with the model's tokenizer and groups up to N traces per question.
@@ -36,6 +48,17 @@ class ForkLightningCLI(LightningCLI):
         parser.link_arguments("model.init_args.num_fork_tokens", "data.init_args.num_fork_tokens")
         parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
         parser.link_arguments("model.init_args.end_token", "data.init_args.end_token")
+
+    def instantiate_classes(self) -> None:
+        """As Lightning's, but a component's own error (e.g. a bad ``model.init_from``) is raised by
+        itself, not buried in jsonargparse's "Does not validate against any of the Union subtypes"."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            reasons = constructor_errors(str(error))
+            if not reasons:
+                raise
+            raise ValueError("\n".join(reasons)) from None
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

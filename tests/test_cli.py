@@ -87,3 +87,11 @@ def test_fast_dev_run_smoke(tmp_path):
 def test_bad_config_value_fails_with_the_key(tmp_path):
     with pytest.raises(ValueError, match="model.matching"):
         main(["fit", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), "--model.init_args.matching=greedy"])
+
+
+def test_a_component_error_is_raised_by_itself(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ssft here: configs/gfpo.yaml has nothing to start from
+    with pytest.raises(ValueError) as error:
+        build_cli(["-c", str(CONFIGS / "gfpo.yaml")], run=False)
+    assert str(error.value).startswith("model.init_from='runs/ssft/version_*/export' matches nothing")
+    assert "Union subtypes" not in str(error.value)
