@@ -180,6 +180,16 @@ def k3_kl(log_p: torch.Tensor, ref_log_p: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1.0
 
 
+def grpo_normaliser(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> torch.Tensor:
+    """This rank's denominator of the GRPO loss: sequences (``grpo``), supervised tokens (``dapo``)
+    or sequences * ``max_completion_length`` (``dr_grpo``); mask: [S, L]. A scalar tensor."""
+    if loss_type == "grpo":
+        return torch.tensor(float(mask.shape[0]), device=mask.device)
+    if loss_type == "dapo":
+        return mask.float().sum()
+    return torch.tensor(float(mask.shape[0] * max_completion_length), device=mask.device)
+
+
 def grpo_loss(
     token_log_probs: torch.Tensor,
     old_token_log_probs: torch.Tensor,
@@ -190,6 +200,8 @@ def grpo_loss(
     clip_eps: float,
     kl_coef: float,
     max_completion_length: int,
+    global_count: torch.Tensor | None = None,
+    world_size: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Token-level GRPO objective over completions.
 
@@ -197,6 +209,9 @@ def grpo_loss(
     advantages: [S] (one per completion); mask: [S, L] 1 on completion tokens (stop token included).
     Normalisation by ``loss_type``: ``grpo`` mean over each sequence's tokens then over sequences;
     ``dapo`` sum over all tokens / all tokens; ``dr_grpo`` sum / (S * max_completion_length).
+    Data parallel: pass ``global_count`` (:func:`grpo_normaliser` summed over the ranks) and
+    ``world_size``; with the ranks' gradients averaged, R processes then train like one process
+    with all R batches (the default is this rank's own count).
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"model.loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
@@ -205,10 +220,10 @@ def grpo_loss(
     kl = k3_kl(token_log_probs, ref_token_log_probs) if ref_token_log_probs is not None else torch.zeros_like(per_token)
     per_token = per_token + kl_coef * kl
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).mean()
-    elif loss_type == "dapo":
-        loss = (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+        local_sum = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)).sum()  # sum of sequence means
     else:
-        loss = (per_token * mask).sum() / (mask.shape[0] * max_completion_length)
+        local_sum = (per_token * mask).sum()
+    count = global_count if global_count is not None else grpo_normaliser(mask, loss_type, max_completion_length)
+    loss = local_sum * world_size / count.clamp_min(1.0)
     tokens = mask.sum().clamp_min(1.0)
     return {"loss": loss, "kl": ((kl * mask).sum() / tokens).detach(), "clip_frac": ((clipped.float() * mask).sum() / tokens).detach()}

@@ -76,6 +76,21 @@ def test_grpo_token_normalisation_by_hand(loss_type):
     assert parts["loss"].item() == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_grpo_loss_of_two_ranks_averages_to_the_one_process_loss(loss_type):
+    from forklight.losses import grpo_normaliser
+
+    log_probs = torch.zeros(4, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    advantages = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    whole = grpo_loss(log_probs, log_probs, None, advantages, mask, loss_type, 0.2, 0.0, 4)["loss"]
+    halves = [slice(0, 2), slice(2, 4)]
+    total = sum(grpo_normaliser(mask[h], loss_type, 4) for h in halves)  # what sum_over_ranks gives
+    ranks = [grpo_loss(log_probs[h], log_probs[h], None, advantages[h], mask[h], loss_type, 0.2, 0.0, 4,
+                       global_count=total, world_size=2)["loss"] for h in halves]
+    assert ((ranks[0] + ranks[1]) / 2).item() == pytest.approx(whole.item())  # DDP averages the ranks
+
+
 def _gfpo(tmp_path, **kwargs):
     from forklight.modules.gfpo import GFPOModule
 

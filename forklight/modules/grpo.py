@@ -20,7 +20,7 @@ import copy
 import torch
 
 from forklight.data.rendering import IGNORE_INDEX, assemble_rows
-from forklight.losses import GRPO_LOSS_TYPES, grpo_loss, supervised_mask, token_nll
+from forklight.losses import GRPO_LOSS_TYPES, grpo_loss, grpo_normaliser, supervised_mask, token_nll
 from forklight.modules.rl import RLModule
 
 
@@ -70,8 +70,11 @@ class GRPOModule(RLModule):
                 continuations.append(torch.tensor(completion.sampled_ids, dtype=torch.long, device=device))
         rows = assemble_rows(prompts, [self.fork_token_ids[tag]] * len(prompts), continuations, self.tokenizer.pad_token_id)
         rows.labels[~valid.flatten().to(device)] = IGNORE_INDEX  # skipped samples get no loss
-        context = {"rows": rows, "mask": supervised_mask(rows.labels), "old": None, "ref": None,
-                   "advantages": self.advantages(rewards, valid).flatten().to(device)}  # [S]
+        mask = supervised_mask(rows.labels)  # [S, T-1]
+        context = {"rows": rows, "mask": mask, "old": None, "ref": None,
+                   "advantages": self.advantages(rewards, valid).flatten().to(device),  # [S]
+                   # the loss's denominator over every rank's batch (see losses.grpo_loss)
+                   "global_count": self.sum_over_ranks(grpo_normaliser(mask, hp.loss_type, hp.max_completion_tokens))}
         with torch.no_grad():
             if hp.num_iterations > 1:
                 context["old"] = self.token_log_probs(self.model, rows)
@@ -86,4 +89,5 @@ class GRPOModule(RLModule):
         return grpo_loss(
             log_probs, old, context["ref"], context["advantages"], context["mask"], hp.loss_type,
             hp.clip_eps, hp.kl_coef, hp.max_completion_tokens,
+            global_count=context["global_count"], world_size=self.trainer.world_size if self._trainer else 1,
         )
