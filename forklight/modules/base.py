@@ -311,8 +311,12 @@ class ForkModule(L.LightningModule):
                                + ", ".join(f"{n} {reason}" for reason, n in sorted(bad.items())))
 
     # ---- faults in training ----------------------------------------------------------------
-    def score(self, completions: list[str], answers: list[str | None], columns: dict[str, list]) -> tuple[list, str]:
-        """Verifier scores (``model.reward_timeout_s``; a failure scores 0), and the outcome counted."""
+    def score(self, batch: TraceSetBatch, completions: list[str], sizes: list[int]) -> tuple[list, str]:
+        """Verifier scores of ``completions``, ``sizes[q]`` of them per question q of ``batch`` in order
+        (``model.reward_timeout_s``; a failure scores 0), and the outcome counted."""
+        answers = [answer for answer, size in zip(batch.answers, sizes, strict=True) for _ in range(size)]
+        keys = batch.columns[0] if batch.columns else {}
+        columns = {key: [row.get(key) for row, size in zip(batch.columns, sizes) for _ in range(size)] for key in keys}
         scores, outcome = run_verifier(self.verifier, completions, answers, columns, self.hparams.reward_timeout_s)
         if outcome != "ok":
             key = "reward_errors" if outcome == "error" else "reward_timeouts"
@@ -483,10 +487,7 @@ class ForkModule(L.LightningModule):
             )
             policy = self.fork_policy_of(batch.prompt_ids).exp().tolist()  # [B][N]
         texts = [completion.text for completion in completions]
-        answers = [answer for answer in batch.answers for _ in range(num_tags * n)]
-        columns = {key: [row.get(key) for row in batch.columns for _ in range(num_tags * n)]
-                   for key in (batch.columns[0] if batch.columns else {})}
-        scores, outcome = self.score(texts, answers, columns)
+        scores, outcome = self.score(batch, texts, [num_tags * n] * len(batch))
         if outcome != "ok":
             self._evaluation_faults["reward_errors" if outcome == "error" else "reward_timeouts"] += len(texts)
         results = []

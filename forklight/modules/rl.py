@@ -84,11 +84,7 @@ class RLModule(ForkModule):
         (counted in ``rollout/reward_errors`` / ``rollout/reward_timeouts``); the run goes on.
         """
         texts = [completion.text for group in groups for completion in group.completions]
-        sizes = [len(group.completions) for group in groups]
-        answers = [answer for answer, size in zip(batch.answers, sizes) for _ in range(size)]
-        keys = batch.columns[0] if batch.columns else {}
-        columns = {key: [row.get(key) for row, size in zip(batch.columns, sizes) for _ in range(size)] for key in keys}
-        scores, outcome = self.score(texts, answers, columns)
+        scores, outcome = self.score(batch, texts, [len(group.completions) for group in groups])
         size = len(groups)
         self.log("rollout/reward_errors", float(len(texts) if outcome == "error" else 0), batch_size=size)
         self.log("rollout/reward_timeouts", float(len(texts) if outcome == "timeout" else 0), batch_size=size)
