@@ -72,7 +72,7 @@ def main() -> None:
     from forklight.modules.gfpo import GFPOModule
     from forklight.modules.grpo import GRPOModule
     from forklight.data.rendering import TraceSetBatch, render_prompt_ids
-    from forklight.modules.base import resolve_init_from
+    from forklight.starting import resolve_init_from
 
     start = starting_point(args.init_from)
     common = {"init_from": start, "group_size": args.group_size, "max_completion_tokens": args.max_completion_tokens,

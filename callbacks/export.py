@@ -19,8 +19,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from forklight.sharding import full_state_dict, unsharded_class_name
-
-METADATA_FILE = "forklight.json"
+from forklight.starting import METADATA_FILE
 
 
 def export_pretrained(pl_module, directory: str, state_dict: dict | None = None) -> str:

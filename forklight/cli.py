@@ -17,7 +17,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from forklight.checkpointing import find_last_checkpoint, use_atomic_checkpoints
 from forklight.data.datamodule import ForkDataModule
-from forklight.modules.base import IDENTITY_KEYS, ForkModule, tokenizer_name
+from forklight.modules.base import ForkModule
+from forklight.starting import IDENTITY_KEYS, tokenizer_name
 
 
 # What a checkpoint fixes about its model; everything else (evaluation, optimiser) comes from

@@ -10,11 +10,8 @@ subclass it and add their ``training_step``. Under FSDP2 (``configs/strategies/f
 
 from __future__ import annotations
 
-import glob
 import inspect
-import json
 import math
-import os
 import random
 from collections import Counter
 
@@ -25,12 +22,13 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
 from forklight.data.records import RecordError
-from forklight.data.rendering import TOY_TOKENIZER, TraceSetBatch, end_of_turn_id, load_tokenizer
+from forklight.data.rendering import TraceSetBatch, end_of_turn_id, load_tokenizer
 from forklight.evaluation import QuestionEvaluation, evaluation_metrics, used_tags
 from forklight.forking import add_fork_tokens, fork_log_policy, fork_token_names, init_fork_embeddings
 from forklight.rewards import gold_answer_parser, resolve_callable, resolve_verifier, run_verifier
 from forklight.rollout import generate_completions
 from forklight.sharding import fully_shard_model
+from forklight.starting import resolve_init_from, tokenizer_name
 
 FORK_POLICIES = ("learned", "argmax", "coverage", "fixed", "uniform")
 ON_NONFINITE = ("error", "skip")
@@ -61,55 +59,6 @@ def build_causal_lm(
         config.setdefault(key, getattr(tokenizer, key))
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
     return model.to(torch_dtype) if torch_dtype is not None else model
-
-
-# What a checkpoint or export fixes about the model it holds (the rest comes from the config).
-IDENTITY_KEYS = ("name_or_path", "model_config", "tokenizer", "num_fork_tokens", "fork_token_format", "end_token")
-EXPORT_METADATA = "forklight.json"
-
-
-def resolve_init_from(init_from: str) -> dict:
-    """Where an RL run starts: ``{"path", "kind": "export"|"checkpoint", "identity": {...}, "metadata"}``.
-
-    ``init_from`` is an HF export dir (with ``forklight.json``), a Lightning ``.ckpt``, or a glob
-    of either (the newest match wins, e.g. ``runs/ssft/version_*/export``).
-    """
-    path = init_from
-    if any(char in init_from for char in "*?["):
-        matches = sorted(glob.glob(init_from), key=os.path.getmtime)
-        if not matches:
-            raise FileNotFoundError(
-                f"model.init_from={init_from!r} matches nothing; train the starting model first "
-                "(e.g. forklight fit -c configs/ssft.yaml) or point init_from at its export or checkpoint"
-            )
-        path = matches[-1]
-    if os.path.isdir(path):
-        metadata_file = os.path.join(path, EXPORT_METADATA)
-        if not os.path.isfile(metadata_file):
-            raise FileNotFoundError(f"model.init_from={path!r} is a directory without {EXPORT_METADATA}: not a forklight export")
-        with open(metadata_file) as handle:
-            metadata = json.load(handle)
-        identity = {"name_or_path": path, "tokenizer": path, "model_config": None,
-                    "num_fork_tokens": len(metadata["fork_tokens"])}
-        return {"path": path, "kind": "export", "identity": identity, "metadata": metadata}
-    if os.path.isfile(path):
-        saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
-        identity = {key: saved[key] for key in IDENTITY_KEYS if key in saved}
-        return {"path": path, "kind": "checkpoint", "identity": identity, "metadata": {}}
-    raise FileNotFoundError(f"model.init_from={path!r} does not exist (expected an export dir or a .ckpt file)")
-
-
-def tokenizer_name(tokenizer: str | None, name_or_path: str | None, init_from: str | None = None) -> str:
-    """The tokenizer a module uses: ``tokenizer``, else the starting point's, else the model's, else ``toy``."""
-    if tokenizer:
-        return tokenizer
-    if init_from:
-        try:
-            identity = resolve_init_from(init_from)["identity"]
-        except FileNotFoundError:  # e.g. --print_config before the starting run exists; the module reports it
-            return name_or_path or TOY_TOKENIZER
-        return identity.get("tokenizer") or identity.get("name_or_path") or TOY_TOKENIZER
-    return name_or_path or TOY_TOKENIZER
 
 
 class ForkModule(L.LightningModule):
