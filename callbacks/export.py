@@ -6,8 +6,9 @@ template, and ``forklight.json`` (fork tokens, their ids, the default tag, tag c
     model = AutoModelForCausalLM.from_pretrained(export_dir)
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
 
-generate with any tag and no forklight import. A sharded model (FSDP2, FSDP) is gathered into
-full weights on rank 0's CPU first (every rank takes part), and rank 0 writes them.
+generate with any tag and no forklight import. LoRA adapters are merged into full weights (in a
+copy; training goes on with its adapters). A sharded model (FSDP2, FSDP) is gathered into full
+weights on rank 0's CPU first (every rank takes part), and rank 0 writes them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from forklight.models import exportable_model
 from forklight.sharding import full_state_dict, unsharded_class_name
 from forklight.starting import METADATA_FILE
 
@@ -28,10 +30,11 @@ def export_pretrained(pl_module, directory: str, state_dict: dict | None = None)
     ``state_dict``: the model's full weights when it is sharded (:func:`forklight.sharding.full_state_dict`).
     """
     os.makedirs(directory, exist_ok=True)
-    pl_module.model.save_pretrained(directory, state_dict=state_dict)
+    model = exportable_model(pl_module.model)
+    model.save_pretrained(directory, state_dict=state_dict)
     if state_dict is not None:  # FSDP2 renames the model's class to FSDP<name>; keep the real one
-        config = pl_module.model.config
-        config.architectures = [unsharded_class_name(pl_module.model)]
+        config = model.config
+        config.architectures = [unsharded_class_name(model)]
         config.save_pretrained(directory)
     pl_module.tokenizer.save_pretrained(directory)
     metadata = {

@@ -1,7 +1,9 @@
 """``PredictionWriter``: write ``forklight predict`` results as jsonl in the run directory.
 
-One line per (question, tag, sample): ``id``, ``tag``, ``sample``, ``completion``, ``answer``
-(extracted), ``gold``, ``score`` (verifier), ``length``, ``default_tag``.
+One line per completion: ``id``, ``tag`` (its name), ``tag_index``, ``tag_prob`` (the model's
+pi(tag | prompt)), ``chosen_by`` (``all``, or the ``fork_policy`` that picked the tag), ``sample``,
+``completion``, ``answer`` (extracted), ``gold``, ``score`` (verifier; null without a gold answer),
+``length`` (tokens), ``default_tag``.
 """
 
 from __future__ import annotations

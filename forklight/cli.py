@@ -23,7 +23,7 @@ from forklight.starting import IDENTITY_KEYS, tokenizer_name
 
 # What a checkpoint fixes about its model; everything else (evaluation, optimiser) comes from
 # the config and the command line, so `forklight test --ckpt_path X --model.init_args.eval_temperature=0.7` works.
-CHECKPOINT_MODEL_KEYS = (*IDENTITY_KEYS, "init_from")
+CHECKPOINT_MODEL_KEYS = (*IDENTITY_KEYS, "init_from", "lora")
 
 
 def constructor_errors(message: str) -> list[str]:
@@ -42,7 +42,8 @@ class ForkLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data module tokenises with the model's tokenizer and groups up to N traces per question.
         parser.link_arguments(
-            ("model.init_args.tokenizer", "model.init_args.name_or_path", "model.init_args.init_from"),
+            ("model.init_args.tokenizer", "model.init_args.name_or_path", "model.init_args.init_from",
+             "model.init_args.gguf_file"),
             "data.init_args.tokenizer",
             compute_fn=tokenizer_name,
         )

@@ -28,6 +28,25 @@ class QuestionEvaluation:
     policy: list[float] = field(default_factory=list)  # [N] the model's tag distribution pi(i | x)
 
 
+def choose_tags(policy: np.ndarray, fork_policy: str, samples: int, rng: np.random.Generator,
+                policy_tags: dict[str, int]) -> np.ndarray:
+    """The tag of each of ``samples`` single-shot answers per question, [B, samples].
+
+    ``policy`` [B, N]: the model's tag distribution per question. ``learned`` samples from it,
+    ``argmax`` takes its mode, ``uniform`` draws uniformly, ``coverage``/``fixed`` use ``policy_tags``.
+    """
+    num_questions, num_tags = policy.shape
+    if fork_policy == "learned":
+        cumulative = np.cumsum(policy / policy.sum(axis=1, keepdims=True), axis=1)  # [B, N]
+        draws = rng.random((num_questions, samples, 1))  # [B, S, 1]
+        return np.minimum((draws > cumulative[:, None, :]).sum(axis=2), num_tags - 1)
+    if fork_policy == "argmax":
+        return np.repeat(policy.argmax(axis=1)[:, None], samples, axis=1)
+    if fork_policy == "uniform":
+        return rng.integers(0, num_tags, size=(num_questions, samples))
+    return np.full((num_questions, samples), policy_tags[fork_policy])
+
+
 def used_tags(coverage: list[float]) -> list[int]:
     """Tags with at least half a uniform share of the training traces (all tags before training)."""
     total = sum(coverage)

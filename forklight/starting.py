@@ -16,7 +16,7 @@ import torch
 from forklight.data.rendering import TOY_TOKENIZER
 
 # What a checkpoint or export fixes about the model it holds (the rest comes from the config).
-IDENTITY_KEYS = ("name_or_path", "model_config", "tokenizer", "num_fork_tokens", "fork_token_format", "end_token")
+IDENTITY_KEYS = ("name_or_path", "gguf_file", "model_config", "tokenizer", "num_fork_tokens", "fork_token_format", "end_token")
 METADATA_FILE = "forklight.json"  # written by forklight.callbacks.HFExport next to the weights
 
 
@@ -41,7 +41,7 @@ def resolve_init_from(init_from: str) -> dict:
             raise FileNotFoundError(f"model.init_from={path!r} is a directory without {METADATA_FILE}: not a forklight export")
         with open(metadata_file) as handle:
             metadata = json.load(handle)
-        identity = {"name_or_path": path, "tokenizer": path, "model_config": None,
+        identity = {"name_or_path": path, "gguf_file": None, "tokenizer": path, "model_config": None,
                     "num_fork_tokens": len(metadata["fork_tokens"])}
         return {"path": path, "kind": "export", "identity": identity, "metadata": metadata}
     if os.path.isfile(path):
@@ -51,14 +51,22 @@ def resolve_init_from(init_from: str) -> dict:
     raise FileNotFoundError(f"model.init_from={path!r} does not exist (expected an export dir or a .ckpt file)")
 
 
-def tokenizer_name(tokenizer: str | None, name_or_path: str | None, init_from: str | None = None) -> str:
-    """The tokenizer a module uses: ``tokenizer``, else the starting point's, else the model's, else ``toy``."""
+def tokenizer_name(
+    tokenizer: str | None, name_or_path: str | None, init_from: str | None = None, gguf_file: str | None = None
+) -> str:
+    """The tokenizer a module uses: ``tokenizer``, else the starting point's, else the model's (its
+    ``.gguf`` file when it has one), else ``toy``."""
     if tokenizer:
         return tokenizer
     if init_from:
         try:
             identity = resolve_init_from(init_from)["identity"]
         except FileNotFoundError:  # e.g. --print_config before the starting run exists; the module reports it
-            return name_or_path or TOY_TOKENIZER
-        return identity.get("tokenizer") or identity.get("name_or_path") or TOY_TOKENIZER
+            identity = {}
+        else:
+            name_or_path, gguf_file = identity.get("name_or_path"), identity.get("gguf_file")
+            if identity.get("tokenizer"):
+                return identity["tokenizer"]
+    if name_or_path and gguf_file:
+        return os.path.join(name_or_path, gguf_file)
     return name_or_path or TOY_TOKENIZER

@@ -123,7 +123,7 @@ def test_no_questions_is_an_error_even_when_skipping(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_and_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"layout must be one of 'auto', 'grouped', 'flat', got 'rows'"):
+    with pytest.raises(ValueError, match=r"layout must be one of 'auto', 'grouped', 'flat', 'prompts', got 'rows'"):
         load_records("x.jsonl", layout="rows")
     with pytest.raises(ValueError, match=r"on_bad_record must be one of 'error', 'skip'"):
         load_records("x.jsonl", on_bad_record="ignore")
@@ -270,3 +270,12 @@ def test_parse_record_rows_directly() -> None:
     assert report.rows_read == 3 and report.questions == 1 and report.skipped == ["mem:3: bad; fix"]
     with pytest.raises(ValueError, match="layout"):
         parse_record_rows([], fields=FieldNames(), layout="x", on_bad_record="skip", report=report)
+
+
+def test_predict_files_may_have_no_traces(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "p1", "prompt": "2+2?", "answer": "4"}, {"prompt": "3+3?"}])
+    records, _ = load_records(path, questions_only=True)
+    assert [(r.id, r.prompt, r.answer, r.traces) for r in records] == [("p1", "2+2?", "4", []),
+                                                                       (f"{path}:2", "3+3?", None, [])]
+    with pytest.raises(RecordError, match="cannot tell the layout"):  # training files need traces
+        load_records(path)

@@ -244,12 +244,14 @@ class ForkDataModule(L.LightningDataModule):
             train: training data: a .jsonl/.json/.parquet file, a local dir or a ``datasets`` name.
             val: validation data (same formats); if unset, ``val_size`` questions are split off ``train``.
             test: test data (same formats); if unset, ``test_size`` questions are split off ``train``.
-            predict: questions for ``forklight predict`` (same formats); default the test split.
+            predict: questions for ``forklight predict`` (same formats, or questions without traces:
+                ``{"id", "prompt" | "messages", "answer"?}`` per line); default the test split.
             toy: use the embedded toy arithmetic task instead of files.
             tokenizer: tokenizer name or path (linked from ``model.tokenizer``); ``toy`` = character tokenizer.
             num_fork_tokens: number of forking tokens (linked from the model).
             fields: field names of the input records.
-            layout: ``grouped`` (one question per row), ``flat`` (one trace per row) or ``auto``.
+            layout: ``grouped`` (one question per row), ``flat`` (one trace per row), ``prompts`` (questions
+                without traces; ``predict`` files only) or ``auto`` (a ``predict`` file may have no traces).
             on_bad_record: ``error`` stops at the first bad record; ``skip`` skips and counts it.
             val_size: questions split off ``train`` (seeded) when ``val`` is unset.
             test_size: questions split off ``train`` (seeded) when ``test`` is unset.
@@ -288,7 +290,8 @@ class ForkDataModule(L.LightningDataModule):
     # ---- reading -------------------------------------------------------------------------
     def _read(self, path: str, split: str) -> list[QuestionRecord]:
         records, report = load_records(
-            path, fields=self.fields, layout=self.hparams.layout, on_bad_record=self.hparams.on_bad_record
+            path, fields=self.fields, layout=self.hparams.layout, on_bad_record=self.hparams.on_bad_record,
+            questions_only=split == "predict",
         )
         self.reports.append(report.summary())
         self.validation.setdefault(split, SplitValidation()).skipped.update(report.skip_reasons)

@@ -65,7 +65,7 @@ class RecordError(ValueError):
         self.reason = reason
 
 
-LAYOUTS = ("auto", "grouped", "flat")
+LAYOUTS = ("auto", "grouped", "flat", "prompts")
 ON_BAD_RECORD = ("error", "skip")
 Row = dict[str, Any]
 
@@ -88,19 +88,20 @@ class LoadReport:
 
 def load_records(
     path: str, *, fields: FieldNames | None = None, layout: str = "auto", on_bad_record: str = "error",
-    split: str = "train",
+    split: str = "train", questions_only: bool = False,
 ) -> tuple[list[QuestionRecord], LoadReport]:
     """Read and validate the questions of ``path`` (.jsonl, .json, .parquet, directory or dataset name).
 
     ``layout`` is "auto" (decided by the first row: ``fields.traces`` -> grouped, ``fields.trace``
     -> flat), "grouped" or "flat". ``on_bad_record`` is "error" (raise :class:`RecordError` on the
     first bad row) or "skip" (note it in ``report.skipped`` and go on). A source with no valid
-    question raises :class:`RecordError` in both modes.
+    question raises :class:`RecordError` in both modes. ``questions_only`` (``forklight predict``)
+    also accepts rows without traces (the ``prompts`` layout: id, prompt or messages, optional answer).
     """
     report = LoadReport(path=path)  # the arguments are checked by parse_record_rows, before any reading
     records = parse_record_rows(
         _read_rows(path, split), fields=fields or FieldNames(), layout=layout,
-        on_bad_record=on_bad_record, report=report,
+        on_bad_record=on_bad_record, report=report, questions_only=questions_only,
     )
     if not records:
         first = f" (first problem: {report.skipped[0]})" if report.skipped else ""
@@ -113,7 +114,7 @@ def load_records(
 
 def parse_record_rows(
     rows: Iterable[tuple[str, Row | RecordError]], *, fields: FieldNames, layout: str, on_bad_record: str,
-    report: LoadReport,
+    report: LoadReport, questions_only: bool = False,
 ) -> list[QuestionRecord]:
     """Validate ``(location, row)`` pairs and build the questions, in first-appearance order.
 
@@ -126,7 +127,7 @@ def parse_record_rows(
     for loc, row in rows:
         report.rows_read += 1
         if layout == "auto" and isinstance(row, dict):
-            layout = _detect_layout(loc, row, fields)
+            layout = _detect_layout(loc, row, fields, questions_only)
         try:
             if isinstance(row, RecordError):
                 raise row
@@ -134,6 +135,8 @@ def parse_record_rows(
                 raise _bad(loc, f"row is {_show(row)}, not a JSON object", "write one object per row", "not_an_object")
             if layout == "flat":
                 _add_flat(loc, row, fields, groups)
+            elif layout == "prompts":
+                _add_prompt(loc, row, fields, groups)
             else:
                 _add_grouped(loc, row, fields, groups)
         except RecordError as err:
@@ -230,11 +233,13 @@ def _read_json(path: str) -> Iterator[tuple[str, Row | RecordError]]:
     yield from ((f"{path}:item {k}", item) for k, item in enumerate(data, 1))
 
 
-def _detect_layout(loc: str, row: Row, f: FieldNames) -> str:
+def _detect_layout(loc: str, row: Row, f: FieldNames, questions_only: bool = False) -> str:
     if f.traces in row:
         return "grouped"
     if f.trace in row:
         return "flat"
+    if questions_only:
+        return "prompts"
     raise _bad(loc, f"cannot tell the layout: the first row has neither '{f.traces}' (grouped) nor "
                f"'{f.trace}' (flat)", "add one of them, set the trace field names or pass layout explicitly",
                "unknown_layout")
@@ -310,6 +315,17 @@ def _add_grouped(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRe
                    "give every question a unique id, or merge the two questions", "duplicate_id")
     columns = {k: v for k, v in row.items() if k not in (f.id, f.prompt, f.messages, f.answer, f.traces)}
     groups[qid] = QuestionRecord(qid, prompt, messages, answer, traces, loc, columns)
+
+
+def _add_prompt(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRecord]) -> None:
+    """Validate one question without traces (a ``forklight predict`` input) and add it to ``groups``."""
+    prompt, messages, answer, qid = _question(loc, row, f)
+    qid = qid if qid is not None else loc
+    if qid in groups:
+        raise _bad(loc, f"duplicate id '{qid}' (first used at {groups[qid].location})",
+                   "give every question a unique id", "duplicate_id")
+    columns = {k: v for k, v in row.items() if k not in (f.id, f.prompt, f.messages, f.answer)}
+    groups[qid] = QuestionRecord(qid, prompt, messages, answer, [], loc, columns)
 
 
 def _add_flat(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRecord]) -> None:

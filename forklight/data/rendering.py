@@ -21,14 +21,21 @@ TOY_TOKENIZER = "toy"  # name of the embedded character tokenizer of the toy tas
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """The toy character tokenizer (``"toy"``) or ``AutoTokenizer.from_pretrained(name_or_path)``."""
+    """The toy character tokenizer (``"toy"``), a GGUF file's tokenizer (a path ending ``.gguf``),
+    or ``AutoTokenizer.from_pretrained(name_or_path)``."""
     if name_or_path == TOY_TOKENIZER:
         from forklight.data.toy import build_toy_tokenizer
 
         return build_toy_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    kwargs = {}
+    if name_or_path.endswith(".gguf"):
+        from forklight.models import check_gguf, model_source
+
+        check_gguf(name_or_path, None, key="tokenizer")
+        name_or_path, kwargs["gguf_file"] = model_source(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     if tokenizer.pad_token_id is None:  # many causal LMs ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -23,8 +23,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from forklight.data.records import RecordError
 from forklight.data.rendering import TraceSetBatch, end_of_turn_id, load_tokenizer
-from forklight.evaluation import QuestionEvaluation, evaluation_metrics, used_tags
+from forklight.evaluation import QuestionEvaluation, choose_tags, evaluation_metrics, used_tags
 from forklight.forking import add_fork_tokens, fork_log_policy, fork_token_names, init_fork_embeddings
+from forklight.models import DTYPES, apply_lora, build_causal_lm, check_gguf, lora_settings
 from forklight.rewards import gold_answer_parser, resolve_callable, resolve_verifier, run_verifier
 from forklight.rollout import generate_completions
 from forklight.sharding import fully_shard_model
@@ -32,45 +33,19 @@ from forklight.starting import resolve_init_from, tokenizer_name
 
 FORK_POLICIES = ("learned", "argmax", "coverage", "fixed", "uniform")
 ON_NONFINITE = ("error", "skip")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def build_causal_lm(
-    name_or_path: str | None,
-    model_config: dict | None,
-    tokenizer,
-    dtype: str | None,
-    trust_remote_code: bool,
-):
-    """A pretrained HF causal LM from ``name_or_path``, or a fresh one from ``model_config``
-    (vocabulary and special token ids taken from ``tokenizer``)."""
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch_dtype = DTYPES[dtype] if dtype is not None else None
-    if name_or_path is not None:
-        dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        kwargs = {dtype_key: torch_dtype} if torch_dtype is not None else {}
-        return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
-    config = dict(model_config)
-    model_type = config.pop("model_type", "llama")
-    config.setdefault("vocab_size", len(tokenizer))
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        config.setdefault(key, getattr(tokenizer, key))
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
-    return model.to(torch_dtype) if torch_dtype is not None else model
-
-
+PREDICT_TAGS = ("all", "policy")
 class ForkModule(L.LightningModule):
     def __init__(
         self,
         init_from: str | None = None,
         name_or_path: str | None = None,
+        gguf_file: str | None = None,
         model_config: dict | None = None,
         tokenizer: str | None = None,
         dtype: str | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        lora: dict | None = None,
         shard_block_classes: list[str] | None = None,
         num_fork_tokens: int = 6,
         fork_token_format: str = "<think{i}>",
@@ -88,6 +63,7 @@ class ForkModule(L.LightningModule):
         pass_k: int | None = None,
         fork_policy: str = "coverage",
         fixed_tag: int = 0,
+        predict_tags: str = "all",
         verifier: str | dict | list[str | dict] = "exact_integer",
         reward_timeout_s: float | None = 60.0,
         strategy_classifier: str | None = None,
@@ -100,13 +76,18 @@ class ForkModule(L.LightningModule):
             init_from: start from a forklight run: an HF export dir (with ``forklight.json``), a
                 ``.ckpt``, or a glob of either (newest match, e.g. ``runs/ssft/version_*/export``); it
                 fixes the model, tokenizer, fork tokens and default tag, and loads the weights.
-            name_or_path: Hugging Face model id or local dir; unset builds a fresh model from ``model_config``.
+            name_or_path: Hugging Face model id, local dir, or ``.gguf`` file; unset builds a fresh model from
+                ``model_config``.
+            gguf_file: a GGUF file inside ``name_or_path`` (dequantised to a plain model; needs ``gguf``).
             model_config: ``AutoConfig`` keyword arguments (with ``model_type``) of a fresh model (toy, tests).
             tokenizer: tokenizer name or path; default ``name_or_path``, or ``toy`` (character tokenizer).
             dtype: weight dtype (``float32``, ``bfloat16``, ``float16``); unset keeps the checkpoint's.
             trust_remote_code: run a model repository's own code (off unless you trust it).
             gradient_checkpointing: recompute activations in backward to save memory (non-reentrant: works
                 under DDP, FSDP and FSDP2).
+            lora: train LoRA adapters instead of all weights: ``{r, alpha, dropout, target_modules}``
+                (defaults 8, 16, 0.0, ``all-linear``); the fork tokens' embedding and output rows train
+                too, every other weight is frozen, and the export merges the adapters (needs ``peft``).
             shard_block_classes: class names of the transformer blocks that FSDP2 (and the FSDP wrap policy)
                 shard one by one; default the Hugging Face model's ``_no_split_modules``.
             num_fork_tokens: N, the number of forking tokens ``<think1>..<thinkN>``.
@@ -126,6 +107,8 @@ class ForkModule(L.LightningModule):
             fork_policy: single-shot tag choice for ``val/pass@1``: ``learned`` (sample from the model's tag
                 distribution), ``argmax`` (its most likely tag), ``coverage`` (default tag), ``fixed``, ``uniform``.
             fixed_tag: tag index (0-based) used by ``fork_policy: fixed``.
+            predict_tags: ``forklight predict`` writes ``n_per_tag`` completions after every tag (``all``), or
+                ``n_per_tag`` per question after tags chosen by ``fork_policy`` (``policy``).
             verifier: ``exact_integer``, ``math`` (math-verify), ``package.module:function``,
                 ``{class_path, init_args, weight}``, or a list of these (weighted sum of scores).
             reward_timeout_s: seconds a verifier call may take (a user verifier runs in a worker thread);
@@ -138,7 +121,7 @@ class ForkModule(L.LightningModule):
         """
         super().__init__()
         self._init_source = resolve_init_from(init_from) if init_from else None
-        self._hparam_overrides = {"tokenizer": tokenizer_name(tokenizer, name_or_path)}
+        self._hparam_overrides = {"tokenizer": tokenizer_name(tokenizer, name_or_path, gguf_file=gguf_file)}
         if self._init_source is not None:
             identity = self._init_source["identity"]
             start_tags = identity.get("num_fork_tokens", 6)
@@ -149,10 +132,14 @@ class ForkModule(L.LightningModule):
                 )
             # The starting point fixes the model; its resolved path is saved, so a resume finds the same one.
             self._hparam_overrides = {**identity, "init_from": self._init_source["path"]}
-            self._hparam_overrides["tokenizer"] = tokenizer_name(identity.get("tokenizer"), identity.get("name_or_path"))
+            self._hparam_overrides["tokenizer"] = tokenizer_name(
+                identity.get("tokenizer"), identity.get("name_or_path"), gguf_file=identity.get("gguf_file"))
         self.save_init_hyperparameters()
         hp = self.hparams  # read the identity from here: init_from may have fixed it
         self._check_ranges()
+        self.lora = lora_settings(lora)
+        if hp.name_or_path is not None:
+            check_gguf(hp.name_or_path, hp.gguf_file)
         self.tokenizer = load_tokenizer(hp.tokenizer, trust_remote_code)
         self._vocab_before_fork_tokens = len(self.tokenizer)
         self.fork_tokens = fork_token_names(hp.num_fork_tokens, hp.fork_token_format)
@@ -192,6 +179,8 @@ class ForkModule(L.LightningModule):
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {hp.dtype!r}")
         if hp.fork_policy not in FORK_POLICIES:
             raise ValueError(f"model.fork_policy must be one of {FORK_POLICIES}, got {hp.fork_policy!r}")
+        if hp.predict_tags not in PREDICT_TAGS:
+            raise ValueError(f"model.predict_tags must be one of {PREDICT_TAGS}, got {hp.predict_tags!r}")
         if not 0 <= hp.fixed_tag < hp.num_fork_tokens:
             raise ValueError(f"model.fixed_tag must be in [0, {hp.num_fork_tokens - 1}], got {hp.fixed_tag}")
         for key in ("n_per_tag", "max_new_tokens", "generation_batch_size"):
@@ -307,7 +296,8 @@ class ForkModule(L.LightningModule):
         hp = self.hparams
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)
-            model = build_causal_lm(hp.name_or_path, hp.model_config, self.tokenizer, hp.dtype, hp.trust_remote_code)
+            model = build_causal_lm(
+                hp.name_or_path, hp.model_config, self.tokenizer, hp.dtype, hp.trust_remote_code, hp.get("gguf_file"))
         if self._new_fork_token_ids:
             init_fork_embeddings(model, self._new_fork_token_ids, self._vocab_before_fork_tokens, hp.seed, hp.fork_init_noise)
         model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -319,6 +309,8 @@ class ForkModule(L.LightningModule):
         self.model = model.train()  # from_pretrained returns eval mode; Lightning switches modes itself
         if self._init_source is not None and self._init_source["kind"] == "checkpoint":
             self._load_start_checkpoint(self._init_source["path"])
+        if self.lora is not None:
+            self.model = apply_lora(self.model, self.lora, self.fork_token_ids)
         self.on_model_built()
         self._matrix_names = {name for name, p in self.named_parameters() if p.ndim >= 2}
         self.model = self.shard(self.model)
@@ -333,6 +325,9 @@ class ForkModule(L.LightningModule):
         mesh = self.device_mesh
         if mesh is None:
             return model
+        if self.lora is not None:
+            raise ValueError("model.lora is not supported with FSDP2 (ModelParallelStrategy) yet; use DDP "
+                             "(configs/strategies/ddp.yaml) or full fine-tuning without model.lora")
         if mesh["tensor_parallel"].size() > 1:
             raise ValueError(
                 f"ModelParallelStrategy has tensor_parallel_size={mesh['tensor_parallel'].size()}, but forklight "
@@ -352,6 +347,9 @@ class ForkModule(L.LightningModule):
         state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)["state_dict"]
         wanted = {key: value for key, value in state.items() if key.startswith("model.") or key == "tag_coverage"}
         missing = [key for key in self.state_dict() if key.startswith("model.") and key not in wanted]
+        if any("lora_" in key for key in wanted):
+            raise ValueError(f"model.init_from={path} is a checkpoint of a LoRA run; start from its export "
+                             "(merged weights: runs/<name>/version_<k>/export) instead")
         if missing:
             raise ValueError(f"model.init_from={path} lacks {len(missing)} model weights (e.g. {missing[:3]}); "
                              "is it a checkpoint of this model?")
@@ -383,8 +381,11 @@ class ForkModule(L.LightningModule):
         matrices = getattr(self, "_matrix_names", None)
         parameters = [(name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""), p)
                       for name, p in self.named_parameters() if p.requires_grad]
-        decay = [p for name, p in parameters if (name in matrices if matrices is not None else p.ndim >= 2)]
-        no_decay = [p for name, p in parameters if (name not in matrices if matrices is not None else p.ndim < 2)]
+        # A LoRA run's fork-token rows are deltas on the pretrained rows: they do not decay.
+        decays = {name: (name in matrices if matrices is not None else p.ndim >= 2) and "trainable_tokens_delta" not in name
+                  for name, p in parameters}
+        decay = [p for name, p in parameters if decays[name]]
+        no_decay = [p for name, p in parameters if not decays[name]]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay()}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.learning_rate,
@@ -418,13 +419,12 @@ class ForkModule(L.LightningModule):
         """Reproducible from the seed; differs per step, batch and rank."""
         return (self.hparams.seed * 1_000_003 + self.global_step * 7919 + batch_idx * 131 + self.global_rank) % 2**63
 
-    def evaluate_batch(self, batch: TraceSetBatch, batch_idx: int = 0) -> list[QuestionEvaluation]:
-        """Sample ``n_per_tag`` completions per (question, tag) and score them."""
+    def sample_completions(self, batch: TraceSetBatch, tags: list[list[int]], batch_idx: int = 0):
+        """Generate one completion per entry of ``tags[q]`` (tag indices) after question q's prompt, and
+        score them: ``(completions, scores, policy)``; ``policy`` [B][N] is the model's tag distribution."""
         hp = self.hparams
-        num_tags, n = len(self.fork_token_ids), hp.n_per_tag
-        prefixes = [
-            prompt.tolist() + [tag_id] for prompt in batch.prompt_ids for tag_id in self.fork_token_ids for _ in range(n)
-        ]  # ordered [question, tag, sample]
+        prefixes = [prompt.tolist() + [self.fork_token_ids[tag]]
+                    for prompt, question_tags in zip(batch.prompt_ids, tags) for tag in question_tags]
         device = self.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self._sampling_seed(batch_idx))
@@ -435,10 +435,17 @@ class ForkModule(L.LightningModule):
                 suppress_ids=self.fork_token_ids,
             )
             policy = self.fork_policy_of(batch.prompt_ids).exp().tolist()  # [B][N]
-        texts = [completion.text for completion in completions]
-        scores, outcome = self.score(batch, texts, [num_tags * n] * len(batch))
+        scores, outcome = self.score(batch, [c.text for c in completions], [len(t) for t in tags])
         if outcome != "ok":
-            self._evaluation_faults["reward_errors" if outcome == "error" else "reward_timeouts"] += len(texts)
+            self._evaluation_faults["reward_errors" if outcome == "error" else "reward_timeouts"] += len(completions)
+        return completions, scores, policy
+
+    def evaluate_batch(self, batch: TraceSetBatch, batch_idx: int = 0) -> list[QuestionEvaluation]:
+        """Sample ``n_per_tag`` completions per (question, tag) and score them."""
+        num_tags, n = len(self.fork_token_ids), self.hparams.n_per_tag
+        every_tag = [tag for tag in range(num_tags) for _ in range(n)]  # ordered [tag, sample]
+        completions, scores, policy = self.sample_completions(batch, [every_tag] * len(batch), batch_idx)
+        texts = [completion.text for completion in completions]
         results = []
         per_question = num_tags * n
         for q, question_id in enumerate(batch.ids):
@@ -470,17 +477,35 @@ class ForkModule(L.LightningModule):
         self._evaluations.extend(self.evaluate_batch(batch, batch_idx))
 
     def predict_step(self, batch: TraceSetBatch, batch_idx: int) -> list[dict]:
-        """One row per (question, tag, sample): the completion, its tag and the verifier's score."""
-        rows = []
-        for evaluation in self.evaluate_batch(batch, batch_idx):
-            for tag, name in enumerate(self.fork_tokens):
-                for sample, text in enumerate(evaluation.texts[tag]):
-                    rows.append({
-                        "id": evaluation.id, "tag": name, "sample": sample, "completion": text,
-                        "answer": evaluation.answers[tag][sample], "gold": evaluation.answer,
-                        "score": evaluation.scores[tag][sample], "length": evaluation.lengths[tag][sample],
-                        "default_tag": tag == self.default_tag,
-                    })
+        """One row per completion: its question, tag, text, extracted answer and verifier score.
+
+        ``predict_tags: all``: ``n_per_tag`` completions after every tag; ``policy``: ``n_per_tag``
+        completions per question, each after a tag chosen by ``fork_policy`` (``learned`` samples
+        the model's tag distribution).
+        """
+        hp, num_tags = self.hparams, len(self.fork_token_ids)
+        if hp.predict_tags == "all":
+            tags = [[tag for tag in range(num_tags) for _ in range(hp.n_per_tag)] for _ in range(len(batch))]
+        else:
+            with torch.no_grad():
+                policy = self.fork_policy_of(batch.prompt_ids).exp().cpu().numpy()  # [B, N]
+            rng = np.random.default_rng(self._sampling_seed(batch_idx))
+            tags = choose_tags(policy, hp.fork_policy, hp.n_per_tag, rng,
+                               {"coverage": self.default_tag, "fixed": hp.fixed_tag}).tolist()  # [B][n]
+        completions, scores, policy = self.sample_completions(batch, tags, batch_idx)
+        rows, position = [], 0
+        for q, question_id in enumerate(batch.ids):
+            for sample, tag in enumerate(tags[q]):
+                completion, score = completions[position], scores[position]
+                position += 1
+                rows.append({
+                    "id": question_id, "tag": self.fork_tokens[tag], "tag_index": tag,
+                    "tag_prob": policy[q][tag], "chosen_by": "all" if hp.predict_tags == "all" else hp.fork_policy,
+                    "sample": sample if hp.predict_tags == "policy" else sample % hp.n_per_tag,
+                    "completion": completion.text, "answer": self.extract_answer(completion.text),
+                    "gold": batch.answers[q], "score": score, "length": completion.length,
+                    "default_tag": tag == self.default_tag,
+                })
         return rows
 
     def on_validation_epoch_end(self) -> None:

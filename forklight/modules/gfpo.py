@@ -19,7 +19,8 @@ tokens, ``pi_theta(i | x) = softmax(logits[fork_ids])_i``. Each step, per questi
 ``trainable: head`` (default) trains only the fork-token rows of the output layer: the
 reasoning modes stay exactly as SSFT left them and only the choice between them is learned
 (with tied input/output embeddings the fork tokens' input rows move too). ``all`` trains
-every weight through the prompts' forward pass.
+every weight through the prompts' forward pass (with ``model.lora``: the adapters and the fork
+tokens' rows).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class GFPOModule(RLModule):
         Args:
             tag_sampling: ``policy`` (G tags drawn from pi_old) or ``stratified`` (G/N per tag; G % N == 0).
             entropy_coef: weight of the tag-policy entropy bonus.
-            trainable: ``head`` (only the fork-token output rows get gradient) or ``all``.
+            trainable: ``head`` (only the fork-token output rows get gradient) or ``all`` (every weight, or
+                with ``model.lora`` the adapters and fork rows).
             fork_policy: single-shot tag choice of ``val/pass@1`` (default ``learned``: the trained policy).
         """
         super().__init__(fork_policy=fork_policy, **kwargs)
@@ -57,6 +59,9 @@ class GFPOModule(RLModule):
             raise ValueError(f"model.tag_sampling must be one of {TAG_SAMPLING}, got {tag_sampling!r}")
         if trainable not in TRAINABLE:
             raise ValueError(f"model.trainable must be one of {TRAINABLE}, got {trainable!r}")
+        if trainable == "head" and self.lora is not None:
+            raise ValueError("model.lora trains adapters, but model.trainable=head trains only the fork-token output "
+                             "rows; set model.init_args.trainable=all (adapters + fork rows) or drop model.lora")
         num_tags = len(self.fork_token_ids)
         if tag_sampling == "stratified" and self.hparams.group_size % num_tags:
             raise ValueError(f"model.tag_sampling=stratified needs group_size divisible by num_fork_tokens "
