@@ -10,8 +10,10 @@ this process, an optimiser step of each method on exactly those rollouts:
 - GRPO: one forward + backward over all B*G (prompt + tag + completion) rows.
 
 Prints seconds (median of ``--repeats``) and the ratios GFPO/GRPO (target <= 0.1), and the share of
-a GFPO step spent generating (rollouts + rewards) versus updating; writes the same numbers to
-``benchmarks/results/rl_update_cost.json``.
+a GFPO step and of a GRPO step spent generating (rollouts + rewards) versus updating: on identical
+rollouts both pay the same generation, so a step is that generation plus the method's update (for
+GRPO also the assembly of its B*G training rows, counted with the update); writes the same numbers
+to ``benchmarks/results/rl_update_cost.json``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def starting_point(init_from: str | None) -> str:
     found = sorted(glob.glob("runs/ssft/version_*/export"))
     if found:
         return found[-1]
-    from callbacks.export import export_pretrained
+    from forklight.callbacks.export import export_pretrained
     from forklight.modules.ssft import SSFTModule
 
     module = SSFTModule(model_config=TOY_MODEL, tokenizer="toy")
@@ -103,7 +105,9 @@ def main() -> None:
     grpo.configure_model()
     grpo.log = lambda *a, **k: None
     grpo.rollouts = lambda batch, tags, batch_idx: groups
-    grpo_context = grpo.prepare_update(batch, 0)
+    started = time.perf_counter()
+    grpo_context = grpo.prepare_update(batch, 0)  # rewards again + the B*G rows (no generation: rollouts reused)
+    grpo_rows_s = time.perf_counter() - started
     results["GRPO update (all completion tokens)"] = timed_update(grpo, grpo_context, args.repeats)
 
     grpo_s = results["GRPO update (all completion tokens)"]
@@ -116,12 +120,19 @@ def main() -> None:
     print(f"{'generate + score (one step of rollouts)':40s} {generate_s:9.4f}")
     record = {"start": start, "questions": args.questions, "group_size": args.group_size,
               "completion_tokens": rollout_tokens, "threads": torch.get_num_threads(), "generate_s": generate_s,
-              "update_s": results, "gfpo_over_grpo": head_s / grpo_s, "gfpo_generate_share": generate_s / (generate_s + head_s)}
+              "update_s": results, "gfpo_over_grpo": head_s / grpo_s, "gfpo_generate_share": generate_s / (generate_s + head_s),
+              "grpo_prepare_s": grpo_rows_s,
+              "grpo_generate_share": generate_s / (generate_s + grpo_rows_s + grpo_s),
+              "gfpo_step_over_grpo_step": (generate_s + head_s) / (generate_s + grpo_rows_s + grpo_s)}
     os.makedirs("benchmarks/results", exist_ok=True)
     with open("benchmarks/results/rl_update_cost.json", "w") as handle:
         json.dump(record, handle, indent=2)
     print(f"GFPO step: {generate_s / (generate_s + head_s):.1%} generating, {head_s / (generate_s + head_s):.1%} updating "
           f"(trainable: head); GFPO/GRPO update ratio {head_s / grpo_s:.3f} (target <= 0.1)")
+    grpo_step_s = generate_s + grpo_rows_s + grpo_s
+    print(f"GRPO step: {generate_s / grpo_step_s:.1%} generating, {(grpo_rows_s + grpo_s) / grpo_step_s:.1%} updating "
+          f"(rows {grpo_rows_s:.4f} s + update {grpo_s:.4f} s); whole step GFPO/GRPO "
+          f"{(generate_s + head_s) / grpo_step_s:.3f} on identical rollouts")
 
 
 if __name__ == "__main__":
