@@ -53,6 +53,45 @@ def grouped_mean_nll(
     return sums / counts
 
 
+def scored_token_nll(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    block_bytes: int | None = None,
+) -> torch.Tensor:
+    """NLL of each scored token, [K]: ``-log softmax(logits[rows[k], positions[k]])[targets[k]]``.
+
+    Same values as ``F.cross_entropy(logits[rows, positions], targets)`` (computed in float32)
+    without its [K, V] copy and log-probabilities: the log-normaliser of each distinct scored
+    (row, position) is computed once, a block of about ``block_bytes`` of float32 logits at a time
+    (default: 8 MiB on CPU, cache-sized; 256 MiB on an accelerator), and the target logit is
+    gathered. Scored tokens may share a position (rows shared by several traces).
+    logits: [R, T, V]; rows, positions, targets: [K].
+    """
+    device = logits.device
+    if block_bytes is None:
+        block_bytes = 1 << 23 if device.type == "cpu" else 1 << 28
+    num_positions, vocab = logits.shape[1], logits.shape[2]
+    flat_logits = logits.reshape(-1, vocab)  # [R*T, V]
+    flat = rows.to(device) * num_positions + positions.to(device)  # [K]
+    distinct, inverse = torch.unique(flat, return_inverse=True)  # [U], [K]
+    normaliser = torch.empty(len(distinct), device=device)  # [U] log sum exp of each scored position
+    block = max(1, block_bytes // (4 * vocab))
+    for start in range(0, len(distinct), block):
+        chunk = flat_logits.index_select(0, distinct[start : start + block]).float()  # [b, V]
+        normaliser[start : start + block] = chunk[:, 0] - F.log_softmax(chunk, dim=-1)[:, 0]
+    return normaliser[inverse] - flat_logits[flat, targets.to(device)].float()
+
+
+def group_means(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Mean of ``values[k]`` over each group ``groups[k]``, [num_groups] (0 for an empty group)."""
+    groups = groups.to(values.device)
+    sums = torch.zeros(num_groups, device=values.device, dtype=values.dtype).index_add_(0, groups, values)
+    counts = torch.bincount(groups, minlength=num_groups).clamp_min(1)
+    return sums / counts
+
+
 def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of NLL over all supervised tokens, number of supervised tokens), both scalars.
 

@@ -144,3 +144,119 @@ def test_right_padded_rows_need_no_attention_mask(tiny_ssft):
         masked = summed_nll(module.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits, rows.labels)
         unmasked = summed_nll(module.model(input_ids=rows.input_ids).logits, rows.labels)
     assert masked[1] == unmasked[1] and masked[0].item() == pytest.approx(unmasked[0].item(), rel=1e-5)
+
+
+GPT2_TINY_CONFIG = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_inner": 64, "n_positions": 256,
+                    "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": False}
+
+
+def uneven_prompt_batch(num_questions: int = 3) -> TraceSetBatch:
+    """Toy questions whose prompts differ in length (the first loses two tokens, the last gains two)."""
+    batch = toy_batch(num_questions)
+    prompts = list(batch.prompt_ids)
+    prompts[0] = torch.cat([prompts[0][:2], prompts[0][4:]])
+    prompts[-1] = torch.cat([prompts[-1][:3], prompts[-1][1:]])
+    assert len({len(p) for p in prompts}) == min(num_questions, 3)
+    return TraceSetBatch(ids=batch.ids, prompt_ids=prompts, trace_ids=batch.trace_ids, sources=batch.sources,
+                         answers=batch.answers, columns=batch.columns)
+
+
+def direct_costs(module, batch: TraceSetBatch, prefix: int | None) -> list[np.ndarray]:
+    """C[i, j] from one unpadded forward per (question, tag, trace): the definition of the cost."""
+    matrices = []
+    for prompt, traces in zip(batch.prompt_ids, batch.trace_ids):
+        cost = np.zeros((len(module.fork_token_ids), len(traces)))
+        for i, tag in enumerate(module.fork_token_ids):
+            for j, trace in enumerate(traces):
+                scored = trace[:prefix] if prefix is not None else trace
+                ids = torch.cat([prompt, torch.tensor([tag]), scored]).unsqueeze(0)
+                with torch.no_grad():
+                    log_probs = module.model(input_ids=ids).logits.log_softmax(-1)[0]
+                start = len(prompt)
+                cost[i, j] = -np.mean([log_probs[start + t, scored[t]].item() for t in range(len(scored))])
+        matrices.append(cost)
+    return matrices
+
+
+@pytest.mark.parametrize("config", ["llama", "gpt2"])
+@pytest.mark.parametrize("prefix", [1, 3])
+def test_prompt_kv_sharing_gives_the_same_costs(tiny_ssft, config, prefix):
+    from forklight.modules.ssft import SSFTModule
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    model_config = dict(TINY_MODEL_CONFIG if config == "llama" else GPT2_TINY_CONFIG)
+    batch = uneven_prompt_batch()
+    results = {}
+    # 5 rows a chunk: chunks span questions, so a chunk's cache holds prompts of different lengths
+    for share, chunk_rows in ((False, 256), (True, 256), (True, 5), (True, 1)):
+        torch.manual_seed(0)
+        module = SSFTModule(model_config=model_config, tokenizer="toy", num_fork_tokens=3, match_prefix_tokens=prefix,
+                            match_chunk_rows=chunk_rows, match_share_prompt=share)
+        module.configure_model()
+        module.model.eval()
+        assert module._prompt_sharing() == share
+        results[share, chunk_rows] = module.trace_tag_costs(batch)
+    expected = direct_costs(module, batch, prefix)
+    for costs in results.values():
+        for got, want in zip(costs, expected):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_sliding_window_model_falls_back_to_whole_rows(tiny_ssft):
+    from forklight.modules.ssft import SSFTModule
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    # a sliding-window cache cannot hide the padding between prompt and suffix: whole rows instead
+    module = SSFTModule(model_config={**TINY_MODEL_CONFIG, "model_type": "mistral", "sliding_window": 6}, tokenizer="toy",
+                        num_fork_tokens=2, match_prefix_tokens=3)
+    module.configure_model()
+    batch = uneven_prompt_batch(2)
+    costs = module.trace_tag_costs(batch)
+    assert module._cache_shareable is False
+    for got, want in zip(costs, direct_costs(module, batch, 3)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_lora_model_shares_the_prompt_too(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=2, match_prefix_tokens=3, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    batch = uneven_prompt_batch(2)
+    costs = module.trace_tag_costs(batch)
+    assert module._prompt_sharing()
+    for got, want in zip(costs, direct_costs(module, batch, 3)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_whole_trace_costs_with_shared_prompt_match_the_definition(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=2, match_prefix_tokens=None, match_chunk_rows=3)
+    batch = uneven_prompt_batch(2)
+    for got, want in zip(module.trace_tag_costs(batch), direct_costs(module, batch, None)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_scored_token_nll_is_cross_entropy_at_the_scored_positions():
+    import torch.nn.functional as F
+
+    from forklight.losses import group_means, grouped_mean_nll, scored_token_nll
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 50, generator=generator)
+    rows = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
+    positions = torch.tensor([2, 2, 0, 1, 6, 3, 3, 4])  # repeated positions: rows shared by several traces
+    targets = torch.randint(0, 50, (8,), generator=generator)
+    expected = F.cross_entropy(logits[rows, positions], targets, reduction="none")
+    for block_bytes in (1, 4 * 50 * 2, 1 << 23):  # one position per block, two, all
+        torch.testing.assert_close(scored_token_nll(logits, rows, positions, targets, block_bytes), expected)
+    groups = torch.tensor([0, 1, 2, 2, 2, 3, 4, 4])
+    torch.testing.assert_close(group_means(expected, groups, 5), grouped_mean_nll(logits, rows, positions, targets, groups, 5))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_cost_forwards_stay_close_to_float32(tiny_ssft, dtype):
+    batch = toy_batch(2)
+    exact = tiny_ssft(num_fork_tokens=4, match_prefix_tokens=8)
+    fast = tiny_ssft(num_fork_tokens=4, match_prefix_tokens=8, match_dtype=dtype)
+    for a, b in zip(exact.trace_tag_costs(batch), fast.trace_tag_costs(batch)):
+        assert not np.array_equal(a, b)  # it did run in bfloat16
+        np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())
+    with pytest.raises(ValueError, match="model.match_dtype"):
+        tiny_ssft(match_dtype="int8")
