@@ -34,6 +34,8 @@ from forklight.starting import resolve_init_from, tokenizer_name
 FORK_POLICIES = ("learned", "argmax", "coverage", "fixed", "uniform")
 ON_NONFINITE = ("error", "skip")
 PREDICT_TAGS = ("all", "policy")
+
+
 class ForkModule(L.LightningModule):
     def __init__(
         self,
