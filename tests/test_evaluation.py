@@ -59,3 +59,18 @@ def test_learned_and_argmax_policies_by_hand(tiny_ssft):
     second.policy = []
     with pytest.raises(ValueError, match="fork_policy=learned"):
         module.evaluation_metrics([first, second])
+
+
+def test_choose_tags_follows_each_policy():
+    import numpy as np
+
+    from forklight.evaluation import choose_tags
+
+    policy = np.array([[0.0, 1.0, 0.0], [0.7, 0.2, 0.1]])  # [B=2, N=3]
+    rng = np.random.default_rng(0)
+    learned = choose_tags(policy, "learned", 2000, rng, {})
+    assert (learned[0] == 1).all()  # a one-hot policy always gives its tag
+    assert abs((learned[1] == 0).mean() - 0.7) < 0.05 and abs((learned[1] == 2).mean() - 0.1) < 0.03
+    assert choose_tags(policy, "argmax", 2, rng, {}).tolist() == [[1, 1], [0, 0]]
+    assert choose_tags(policy, "fixed", 1, rng, {"fixed": 2}).tolist() == [[2], [2]]
+    assert set(choose_tags(policy, "uniform", 300, rng, {}).ravel().tolist()) == {0, 1, 2}
