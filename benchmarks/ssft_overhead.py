@@ -11,7 +11,8 @@ same ``matched_loss`` forward/backward + AdamW step on the same B*M rows, with a
 (trace j -> tag j) instead of the matching. Traces are random token ids of a fixed length (distinct
 traces, so the cost matrix shares no rows), after real toy prompts (8-16 tokens), or with
 ``--prompt-length L`` after a system prompt that brings the first question's prompt to L tokens
-(chat-templated math prompts with a system prompt are ~64-128 tokens).
+(chat-templated math prompts with a system prompt are ~64-128 tokens; the toy GPT then gets
+enough learned positions for prompt + trace).
 
 Two models: the toy GPT of ``configs/ssft.yaml`` (B=4 questions, as its data config) and a
 ~110M-parameter Llama (hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000, tied embeddings;
@@ -20,17 +21,19 @@ alternates SFT and SSFT steps on one model (one warm-up each, then ``--repeats``
 load on the machine hits both alike; ``time x`` is the ratio of the fastest steps, ``med x`` of
 the medians. Peak memory: one step of each method in its own fresh subprocess, which reports its
 ``ru_maxrss`` (weights, AdamW state, activations and the Python/torch runtime, so the memory ratio
-understates the activation difference). Prints SSFT/SFT ratios (targets: time <= 1.3 at N=6, M=4, prefix = a quarter of
-the trace; memory <= 1.2); writes ``benchmarks/results/ssft_overhead.json``.
+understates the activation difference). Prints SSFT/SFT ratios (targets: time <= 1.3 at N=6,
+M=4, prefix = a quarter of the trace; memory <= 1.2); writes
+``benchmarks/results/ssft_overhead[_<models>][_prompt<L>].json``.
 
 ``--variants`` adds SSFT steps with other cost-matrix options, timed in the same alternation
 (one row each): ``no-share`` (``match_share_prompt: false``: whole [prompt | tag | prefix] rows
 instead of the prompt's KV cache) and ``bf16`` (``match_dtype: bfloat16``: cost forwards under
-autocast), ``bf16-no-share`` both. ``agree`` is the share of questions whose assignment equals the
-default SSFT step's on the same (final) weights: on these random traces and fresh weights all tags cost nearly the same, so
-bf16 flips most assignments there; ``--agreement CKPT`` measures it where it matters, on a trained
-toy SSFT checkpoint (``configs/ssft.yaml``) and toy questions: the share of questions (and traces)
-whose bf16 assignment equals the fp32 one, and the fp32-cost regret of the bf16 assignment.
+autocast), ``bf16-no-share`` both. ``agree`` is the share of questions whose assignment equals
+the default SSFT step's on the same (final) weights: on these random traces and fresh weights all
+tags cost nearly the same, so bf16 flips many assignments there (near-ties). ``--agreement CKPT``
+measures it where it matters, on a trained toy SSFT checkpoint (``configs/ssft.yaml``) and toy
+questions: the share of questions (and traces) whose bf16 assignment equals the fp32 one, and
+the fp32-cost regret of the bf16 assignment.
 """
 
 from __future__ import annotations
