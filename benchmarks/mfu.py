@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vs_trl  # noqa: E402
-from vs_trl import MODELS, clock, planned_rows, quiet, release, run_forklight_sft, sft_datamodule, sft_module  # noqa: E402
+from vs_trl import MODELS, clock, model_spec, planned_rows, quiet, release, run_forklight_sft, sft_datamodule, sft_module  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -99,11 +99,7 @@ def row_flops(tokens: int, counts: dict) -> float:
 
 
 def measure_training(name: str, precision: str, args, peaks: dict) -> dict:
-    spec = dict(MODELS[name])
-    if name != "toy" and args.trace_length is not None:
-        spec["trace_length"] = args.trace_length
-    if args.questions is not None:
-        spec["questions"] = args.questions
+    spec = model_spec(name, args.trace_length, args.questions)
     total = args.warmup_steps + args.steps
     datamodule = sft_datamodule(spec, total, seed=1)
     datamodule.setup("fit")

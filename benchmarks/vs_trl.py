@@ -65,8 +65,9 @@ import warnings
 
 import torch
 
-TOY_MODEL = {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4, "n_inner": 512, "n_positions": 256,
-             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": False}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rl_update_cost import TOY_MODEL, starting_point  # noqa: E402  (the RL benchmarks start from the same export)
+
 LLAMA_110M = {"model_type": "llama", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
               "num_key_value_heads": 12, "intermediate_size": 2048, "vocab_size": 32000,
               "max_position_embeddings": 1024, "tie_word_embeddings": True}
@@ -298,12 +299,19 @@ def run_trl_sft(spec: dict, rows: list[dict], rows_per_step: int, steps: int, wa
     return throughput(step_seconds(timer, warmup_steps), supervised[warmup_steps:total])
 
 
-def compare_sft(name: str, args) -> dict:
+def model_spec(name: str, trace_length: int | None, questions: int | None) -> dict:
+    """``MODELS[name]`` with the command line's trace length (not for the toy task's own traces)
+    and questions per step, where given."""
     spec = dict(MODELS[name])
-    if name != "toy" and args.trace_length is not None:
-        spec["trace_length"] = args.trace_length
-    if args.questions_sft is not None:
-        spec["questions"] = args.questions_sft
+    if name != "toy" and trace_length is not None:
+        spec["trace_length"] = trace_length
+    if questions is not None:
+        spec["questions"] = questions
+    return spec
+
+
+def compare_sft(name: str, args) -> dict:
+    spec = model_spec(name, args.trace_length, args.questions_sft)
     total = args.warmup_steps + args.steps
     datamodule = sft_datamodule(spec, total, seed=1)
     datamodule.setup("fit")
@@ -343,23 +351,6 @@ def compare_sft(name: str, args) -> dict:
 
 
 # ---- RL: GFPO / GRPO step vs TRL GRPOTrainer ------------------------------------------------------
-def starting_point(init_from: str | None) -> str:
-    """An export to start from: the given one, the newest toy SSFT export, or a fresh toy model."""
-    import glob
-
-    if init_from:
-        return init_from
-    found = sorted(glob.glob("runs/ssft/version_*/export"))
-    if found:
-        return found[-1]
-    from forklight.callbacks.export import export_pretrained
-    from forklight.modules.ssft import SSFTModule
-
-    module = SSFTModule(model_config=TOY_MODEL, tokenizer="toy")
-    module.configure_model()
-    return export_pretrained(module, tempfile.mkdtemp(prefix="forklight-bench-"))
-
-
 def rl_datamodule(start: str, questions: int, steps: int):
     from forklight.data.datamodule import ForkDataModule, ToyTask
 

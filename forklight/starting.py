@@ -62,7 +62,7 @@ def tokenizer_name(
         try:
             identity = resolve_init_from(init_from)["identity"]
         except FileNotFoundError:  # e.g. --print_config before the starting run exists; the module reports it
-            identity = {}
+            pass
         else:
             name_or_path, gguf_file = identity.get("name_or_path"), identity.get("gguf_file")
             if identity.get("tokenizer"):

@@ -421,9 +421,11 @@ class ForkModule(L.LightningModule):
         """Reproducible from the seed; differs per step, batch and rank."""
         return (self.hparams.seed * 1_000_003 + self.global_step * 7919 + batch_idx * 131 + self.global_rank) % 2**63
 
-    def sample_completions(self, batch: TraceSetBatch, tags: list[list[int]], batch_idx: int = 0):
+    def sample_completions(self, batch: TraceSetBatch, tags: list[list[int]], batch_idx: int = 0,
+                           policy: list[list[float]] | None = None):
         """Generate one completion per entry of ``tags[q]`` (tag indices) after question q's prompt, and
-        score them: ``(completions, scores, policy)``; ``policy`` [B][N] is the model's tag distribution."""
+        score them: ``(completions, scores, policy)``; ``policy`` [B][N] is the model's tag distribution
+        (computed here unless the caller already has it)."""
         hp = self.hparams
         prefixes = [prompt.tolist() + [self.fork_token_ids[tag]]
                     for prompt, question_tags in zip(batch.prompt_ids, tags) for tag in question_tags]
@@ -436,7 +438,8 @@ class ForkModule(L.LightningModule):
                 progress=getattr(self, "generation_progress", None),  # set by callbacks.GenerationProgress
                 suppress_ids=self.fork_token_ids,
             )
-            policy = self.fork_policy_of(batch.prompt_ids).exp().tolist()  # [B][N]
+            if policy is None:
+                policy = self.fork_policy_of(batch.prompt_ids).exp().tolist()  # [B][N]
         scores, outcome = self.score(batch, [c.text for c in completions], [len(t) for t in tags])
         if outcome != "ok":
             self._evaluation_faults["reward_errors" if outcome == "error" else "reward_timeouts"] += len(completions)
@@ -486,15 +489,14 @@ class ForkModule(L.LightningModule):
         the model's tag distribution).
         """
         hp, num_tags = self.hparams, len(self.fork_token_ids)
+        policy = self.fork_policy_of(batch.prompt_ids).exp().tolist()  # [B][N]
         if hp.predict_tags == "all":
             tags = [[tag for tag in range(num_tags) for _ in range(hp.n_per_tag)] for _ in range(len(batch))]
         else:
-            with torch.no_grad():
-                policy = self.fork_policy_of(batch.prompt_ids).exp().cpu().numpy()  # [B, N]
             rng = np.random.default_rng(self._sampling_seed(batch_idx))
-            tags = choose_tags(policy, hp.fork_policy, hp.n_per_tag, rng,
+            tags = choose_tags(np.array(policy), hp.fork_policy, hp.n_per_tag, rng,
                                {"coverage": self.default_tag, "fixed": hp.fixed_tag}).tolist()  # [B][n]
-        completions, scores, policy = self.sample_completions(batch, tags, batch_idx)
+        completions, scores, _ = self.sample_completions(batch, tags, batch_idx, policy)
         rows, position = [], 0
         for q, question_id in enumerate(batch.ids):
             for sample, tag in enumerate(tags[q]):
