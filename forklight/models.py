@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -144,3 +145,88 @@ def exportable_model(model):
     if not is_peft_model(model):
         return model
     return copy.deepcopy(model).merge_and_unload()
+
+
+@dataclass(frozen=True)
+class CacheReuse:
+    """What a causal LM's forward was seen to do (:func:`probe_cache_reuse`), not what its signature says.
+
+    ``argument``: the forward's keyword that takes a KV cache back (``cache`` from transformers 5.24,
+    ``past_key_values`` before), or None when no keyword continued a prompt correctly; ``logits_to_keep``:
+    whether ``logits_to_keep=k`` returns the logits of the last k positions only; ``reason``: why
+    ``argument`` is None (for the notice).
+    """
+
+    argument: str | None
+    logits_to_keep: bool
+    reason: str = ""
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # tried in this order
+
+
+def output_cache(output):
+    """The KV cache in a model output, whatever the field is called (``cache``, ``past_key_values``)."""
+    from transformers.cache_utils import Cache
+
+    return next((value for value in output.values() if isinstance(value, Cache)), None)
+
+
+def shareable_cache(cache) -> bool:
+    """Whether ``cache`` is a Hugging Face ``DynamicCache`` of plain full-attention layers only: then
+    its rows can be indexed out (``batch_select_indices``) and padding inside it can be masked.
+    Sliding-window and recurrent (linear-attention) layers cannot hide padding that way."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return False
+    layers = getattr(cache, "layers", None)
+    return isinstance(cache, DynamicCache) and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+@torch.no_grad()
+def probe_cache_reuse(model, pad_id: int) -> CacheReuse:
+    """Run ``model`` (in eval mode) on two prompts of different lengths, then their suffixes on the
+    prompts' KV cache, and compare with the whole rows: a cache keyword counts only if it gives the
+    same logits. A keyword that the forward swallows into ``**kwargs`` (and ignores) gives other
+    logits, so a renamed argument is found, and a cache that cannot hide prompt padding is refused."""
+    vocab = int(model.get_input_embeddings().weight.shape[0])  # peft's token wrapper has no num_embeddings
+    device = next(model.parameters()).device
+    ids = [(token * 7 + 3) % vocab for token in range(9)]
+    prompts, suffixes = [ids[:4], ids[4:6] + [pad_id, pad_id]], [ids[6:8], ids[8:9] + ids[:1]]  # right-padded
+    prompt_ids = torch.tensor(prompts, device=device)  # [2, 4]
+    suffix_ids = torch.tensor(suffixes, device=device)  # [2, 2]
+    starts = torch.tensor([4, 2], device=device)  # [2] prompt lengths
+    rows = [prompts[0] + suffixes[0], prompts[1][:2] + suffixes[1]]  # whole rows, 6 and 4 tokens
+    try:  # [2, V] each: the suffix positions' logits of each whole row
+        full = [model(input_ids=torch.tensor([row], device=device), use_cache=False).logits[0, -2:].float() for row in rows]
+    except Exception as error:  # noqa: BLE001 - any failure means: no sharing
+        return CacheReuse(None, False, f"the forward failed on a probe ({type(error).__name__}: {error})")
+    try:
+        kept = model(input_ids=prompt_ids, use_cache=False, logits_to_keep=1).logits.shape[1] == 1
+    except Exception:  # noqa: BLE001
+        kept = False
+    position_ids = starts[:, None] + torch.arange(2, device=device)  # [2, 2]
+    mask = torch.cat([torch.arange(4, device=device) < starts[:, None], torch.ones(2, 2, dtype=torch.bool, device=device)], 1)
+    scale = max(float(f.abs().max()) for f in full)
+    ignored = max(float((model(input_ids=suffix_ids, position_ids=position_ids, use_cache=False).logits[r].float() - full[r])
+                        .abs().max()) for r in range(2))  # what ignoring the prompt costs
+    reason = "its forward returned no Hugging Face cache"
+    for argument in CACHE_ARGUMENTS:
+        try:
+            cache = output_cache(model(input_ids=prompt_ids, use_cache=True))
+            if cache is None:
+                break
+            if not shareable_cache(cache):
+                reason = f"its KV cache ({type(cache).__name__}) has sliding-window or recurrent layers"
+                break
+            logits = model(input_ids=suffix_ids, position_ids=position_ids, attention_mask=mask.long(),
+                           use_cache=True, **{argument: cache}).logits.float()  # [2, 2, V]
+        except Exception as error:  # noqa: BLE001
+            reason = f"passing the cache as {argument}= failed ({type(error).__name__})"
+            continue
+        error = max(float((logits[r] - full[r]).abs().max()) for r in range(2))
+        if error <= max(1e-4 * scale, 0.01 * ignored):
+            return CacheReuse(argument, kept)
+        reason = f"no keyword ({', '.join(CACHE_ARGUMENTS)}) continued a prompt from its cache"
+    return CacheReuse(None, kept, reason)

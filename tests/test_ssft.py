@@ -212,7 +212,7 @@ def test_sliding_window_model_falls_back_to_whole_rows(tiny_ssft):
     module.configure_model()
     batch = uneven_prompt_batch(2)
     costs = module.trace_tag_costs(batch)
-    assert module._cache_shareable is False
+    assert module.cache_reuse().argument is None
     for got, want in zip(costs, direct_costs(module, batch, 3)):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
@@ -260,3 +260,39 @@ def test_low_precision_cost_forwards_stay_close_to_float32(tiny_ssft, dtype):
         np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())
     with pytest.raises(ValueError, match="model.match_dtype"):
         tiny_ssft(match_dtype="int8")
+
+
+class _ForgetsTheCache(torch.nn.Module):
+    """A causal LM whose forward takes any keyword (``**kwargs``) but drops the KV cache it is given:
+    what a model looks like to forklight when its cache argument was renamed."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids, cache=None, past_key_values=None, **kwargs):
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+def test_cache_reuse_is_probed_by_behaviour_and_a_model_that_cannot_says_so_once(tiny_ssft, caplog):
+    from forklight.models import probe_cache_reuse
+
+    module = tiny_ssft(num_fork_tokens=2, match_prefix_tokens=3)
+    reuse = module.cache_reuse()
+    assert reuse.argument in ("cache", "past_key_values") and reuse.logits_to_keep
+    forgetful = probe_cache_reuse(_ForgetsTheCache(module.model).eval(), module.tokenizer.pad_token_id)
+    assert forgetful.argument is None and "continued a prompt" in forgetful.reason
+
+    module = tiny_ssft(num_fork_tokens=2, match_prefix_tokens=3)
+    module.model = _ForgetsTheCache(module.model)
+    batch = uneven_prompt_batch(2)
+    with pytest.warns(UserWarning, match="match_share_prompt is on, but this model cannot") as record:
+        first = module.trace_tag_costs(batch)
+        module.trace_tag_costs(batch)
+    assert len([w for w in record if "match_share_prompt" in str(w.message)]) == 1  # said once
+    assert not module._prompt_sharing()
+    for got, want in zip(first, direct_costs(module, batch, 3)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -27,16 +27,16 @@ deterministic; the default tag is the tag matched to the most traces over the wh
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from forklight.data.rendering import TraceSetBatch, assemble_rows
 from forklight.losses import data_parallel_token_mean, group_means, scored_token_nll, summed_nll
 from forklight.matching import MATCHING_MODES, assignment_cost, expected_random_cost, match_traces_to_tags
-from forklight.models import is_peft_model
+from forklight.models import CacheReuse, output_cache, probe_cache_reuse
 from forklight.modules.base import ForkModule
 from forklight.sharding import forward_is_collective
 
@@ -49,18 +49,6 @@ def right_padded(rows: list[torch.Tensor], pad_id: int) -> torch.Tensor:
     for r, row in enumerate(rows):
         out[r, : len(row)] = row
     return out
-
-
-def shareable_cache(cache) -> bool:
-    """Whether ``cache`` is a Hugging Face ``DynamicCache`` of plain full-attention layers only: then
-    its rows can be indexed out (``batch_select_indices``) and padding inside it can be masked.
-    Sliding-window and recurrent (linear-attention) layers cannot hide padding that way."""
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except ImportError:
-        return False
-    layers = getattr(cache, "layers", None)
-    return isinstance(cache, DynamicCache) and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 class SSFTModule(ForkModule):
@@ -100,6 +88,7 @@ class SSFTModule(ForkModule):
         self.save_init_hyperparameters()
         self.last_assignments: list[tuple[list[str | None], list[int]]] = []  # (sources, tags) per question
         self.last_match_cost_gap: float | None = None  # per trace: random-assignment cost - matched cost
+        self._cache_reuse: CacheReuse | None = None  # probed on first use (cache_reuse)
 
     @torch.no_grad()
     def trace_tag_costs(self, batch: TraceSetBatch) -> list[np.ndarray]:
@@ -173,46 +162,53 @@ class SSFTModule(ForkModule):
         the logits then cover the suffixes only. Otherwise one forward over whole rows.
         """
         pad, device = self.tokenizer.pad_token_id, self.device
+        reuse = self.cache_reuse()
         with self._match_autocast():
             if self._prompt_sharing():
                 used = sorted(set(questions))
                 local = {q: i for i, q in enumerate(used)}
                 prompt_ids = right_padded([prompts[q] for q in used], pad).to(device)  # [Q, S]
-                last = {"logits_to_keep": 1} if self._logits_to_keep else {}  # only the cache is needed
-                cache = self.model(input_ids=prompt_ids, use_cache=True, **last).past_key_values
-                if shareable_cache(cache):
-                    cache.batch_select_indices(torch.tensor([local[q] for q in questions], device=device))  # [R, ...]
-                    suffix_ids = right_padded(suffixes, pad).to(device)  # [R, T]
-                    starts = torch.tensor([len(prompts[q]) for q in questions], device=device)  # [R]
-                    position_ids = starts[:, None] + torch.arange(suffix_ids.shape[1], device=device)  # [R, T]
-                    attention_mask = None  # prompts of one length: the cache has no padding
-                    if len({len(prompts[q]) for q in used}) > 1:
-                        prompt_mask = torch.arange(prompt_ids.shape[1], device=device) < starts[:, None]  # [R, S]
-                        attention_mask = torch.cat([prompt_mask, torch.ones_like(suffix_ids, dtype=torch.bool)], 1).long()
-                    logits = self.model(input_ids=suffix_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                        past_key_values=cache, use_cache=True).logits  # [R, T, V]
-                    return logits, [0] * len(questions), 2
-                self._cache_shareable = False  # e.g. sliding-window or recurrent layers: whole rows from now on
-                forwards = 1
-            else:
-                forwards = 0
+                last = {"logits_to_keep": 1} if reuse.logits_to_keep else {}  # only the cache is needed
+                cache = output_cache(self.model(input_ids=prompt_ids, use_cache=True, **last))
+                cache.batch_select_indices(torch.tensor([local[q] for q in questions], device=device))  # [R, ...]
+                suffix_ids = right_padded(suffixes, pad).to(device)  # [R, T]
+                starts = torch.tensor([len(prompts[q]) for q in questions], device=device)  # [R]
+                position_ids = starts[:, None] + torch.arange(suffix_ids.shape[1], device=device)  # [R, T]
+                attention_mask = None  # prompts of one length: the cache has no padding
+                if len({len(prompts[q]) for q in used}) > 1:
+                    prompt_mask = torch.arange(prompt_ids.shape[1], device=device) < starts[:, None]  # [R, S]
+                    attention_mask = torch.cat([prompt_mask, torch.ones_like(suffix_ids, dtype=torch.bool)], 1).long()
+                logits = self.model(input_ids=suffix_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                    use_cache=True, **{reuse.argument: cache}).logits  # [R, T, V]
+                return logits, [0] * len(questions), 2
             # Right padding: no real token attends to a pad under causal attention, so no mask is needed.
             input_ids = right_padded([torch.cat([prompts[q], suffix]) for q, suffix in zip(questions, suffixes)], pad)
             tag_positions = [len(prompts[q]) for q in questions]
-            skipped = min(tag_positions) if self._logits_to_keep else 0  # prompt positions: no logits needed
+            skipped = min(tag_positions) if reuse.logits_to_keep else 0  # prompt positions: no logits needed
             keep = {"logits_to_keep": input_ids.shape[1] - skipped} if skipped else {}
             logits = self.model(input_ids=input_ids.to(device), use_cache=False, **keep).logits  # [R, T - skipped, V]
-            return logits, [t - skipped for t in tag_positions], forwards + 1
+            return logits, [t - skipped for t in tag_positions], 1
+
+    def cache_reuse(self) -> CacheReuse:
+        """What this model's forward does with a KV cache, probed once on a tiny input
+        (:func:`~forklight.models.probe_cache_reuse`); ``match_share_prompt`` on a model that cannot
+        reuse its cache says so once and uses whole rows."""
+        if self._cache_reuse is None:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                self._cache_reuse = probe_cache_reuse(self.model, self.tokenizer.pad_token_id)
+            finally:
+                self.model.train(was_training)
+            if self.hparams.match_share_prompt and self._cache_reuse.argument is None:
+                rank_zero_warn(f"model.match_share_prompt is on, but this model cannot continue a prompt from its KV "
+                               f"cache ({self._cache_reuse.reason}): matching costs run whole rows (same costs, slower)")
+        return self._cache_reuse
 
     def _prompt_sharing(self) -> bool:
-        """Whether cost rows run on their prompt's KV cache: ``match_share_prompt`` and a model whose
-        forward takes ``past_key_values`` and ``position_ids`` (and whose cache turned out shareable)."""
-        if getattr(self, "_cache_shareable", None) is None:
-            model = self.model.get_base_model() if is_peft_model(self.model) else self.model  # peft passes kwargs on
-            parameters = inspect.signature(model.forward).parameters
-            self._cache_shareable = {"past_key_values", "position_ids"} <= set(parameters)
-            self._logits_to_keep = "logits_to_keep" in parameters  # logits of the last k positions only
-        return bool(self.hparams.match_share_prompt) and self._cache_shareable
+        """Whether cost rows run on their prompt's KV cache: ``match_share_prompt`` and a model that was
+        seen to continue a prompt from its cache (:meth:`cache_reuse`)."""
+        return bool(self.hparams.match_share_prompt) and self.cache_reuse().argument is not None
 
     def _match_autocast(self):
         """Autocast context of the cost forwards: ``match_dtype`` on this device, else none."""
