@@ -7,6 +7,7 @@ Generation keeps no autograd state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,57 @@ class _FinishedRowPadFilter(logging.Filter):
 logging.getLogger("transformers.modeling_utils").addFilter(_FinishedRowPadFilter())
 
 
+# Every logits processor that transformers' ``generate`` would otherwise fill in from the checkpoint's
+# generation_config.json or its own global defaults (e.g. Qwen2.5-Instruct ships top_k 20 and
+# repetition_penalty 1.05; an unset top_k becomes 50), set to its neutral value.
+NEUTRAL_SAMPLING = {
+    "top_k": 0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None, "num_beams": 1,
+    "bad_words_ids": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "begin_suppress_tokens": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+    "remove_invalid_values": False, "guidance_scale": None, "watermarking_config": None,
+}
+
+
+def sampling_config(max_new_tokens: int, temperature: float, top_p: float, stop_ids: Sequence[int], pad_id: int,
+                    suppress_ids: Sequence[int] = ()):
+    """The ``GenerationConfig`` that samples exactly as forklight's options say: temperature and top-p
+    (greedy at temperature 0), the stop ids, the suppressed ids, and nothing else."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_p=top_p if temperature > 0 else 1.0,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad_id,
+        suppress_tokens=list(suppress_ids) or None,
+    )
+    for key, value in NEUTRAL_SAMPLING.items():
+        if key != "top_k" or temperature > 0:  # greedy has no top-k (and transformers warns about one)
+            setattr(config, key, value)
+    return config
+
+
+@contextlib.contextmanager
+def checkpoint_defaults_hidden(model):
+    """While generating, every ``generation_config`` in ``model`` (a peft wrapper's base model too) is
+    a blank one, so no field the checkpoint ships can fill a setting that forklight left unset."""
+    from transformers import GenerationConfig
+
+    saved = [(module, module.generation_config) for module in model.modules()
+             if isinstance(getattr(module, "generation_config", None), GenerationConfig)]
+    for module, _ in saved:
+        module.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for module, config in saved:
+            module.generation_config = config
+
+
 @torch.no_grad()
 def generate_completions(
     model,
@@ -77,18 +129,7 @@ def generate_completions(
     all stopped keeps running forward passes until every rank's have (``synced_gpus``), else the
     ranks still generating would wait for it forever. Ranks must pass equally many prefixes.
     """
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_p=top_p if temperature > 0 else None,
-        top_k=None,
-        eos_token_id=list(stop_ids),
-        pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=list(suppress_ids) or None,
-    )
+    config = sampling_config(max_new_tokens, temperature, top_p, stop_ids, tokenizer.pad_token_id, suppress_ids)
     device = next(model.parameters()).device
     synced = forward_is_collective(model)
     order = sorted(range(len(prefixes)), key=lambda index: len(prefixes[index]))  # similar lengths together
@@ -99,7 +140,9 @@ def generate_completions(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             input_ids, attention_mask = left_padded_prompts([prefixes[i] for i in chunk], tokenizer.pad_token_id, device)
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced)
+            with checkpoint_defaults_hidden(model):
+                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                        synced_gpus=synced)
             generated = output[:, input_ids.shape[1] :].tolist()  # [R, <=max_new_tokens]
             for index, tokens in zip(chunk, generated):
                 stop_at = next((t for t, token in enumerate(tokens) if token in stop_ids), None)
