@@ -19,7 +19,7 @@ import os
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from forklight.models import exportable_model
+from forklight.models import DTYPES, exportable_model
 from forklight.sharding import full_state_dict, unsharded_class_name
 from forklight.starting import METADATA_FILE
 
@@ -31,10 +31,16 @@ def export_pretrained(pl_module, directory: str, state_dict: dict | None = None)
     """
     os.makedirs(directory, exist_ok=True)
     model = exportable_model(pl_module.model)
+    dtype = DTYPES.get(pl_module.hparams.get("dtype") or "")
+    if dtype is not None:  # fp32 master weights (models.keep_master_weights) are written in model.dtype
+        state_dict = {key: value.to(dtype) if value.is_floating_point() else value
+                      for key, value in (state_dict if state_dict is not None else model.state_dict()).items()}
     model.save_pretrained(directory, state_dict=state_dict)
-    if state_dict is not None:  # FSDP2 renames the model's class to FSDP<name>; keep the real one
+    if dtype is not None or state_dict is not None:
         config = model.config
-        config.architectures = [unsharded_class_name(model)]
+        config.architectures = [unsharded_class_name(model)]  # FSDP2 renames the class to FSDP<name>
+        if dtype is not None:
+            config.dtype = dtype
         config.save_pretrained(directory)
     pl_module.tokenizer.save_pretrained(directory)
     metadata = {

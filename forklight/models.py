@@ -230,3 +230,40 @@ def probe_cache_reuse(model, pad_id: int) -> CacheReuse:
             return CacheReuse(argument, kept)
         reason = f"no keyword ({', '.join(CACHE_ARGUMENTS)}) continued a prompt from its cache"
     return CacheReuse(None, kept, reason)
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def keep_master_weights(model, dtype: str | None, precision: str, learning_rate: float, sharded: bool) -> str:
+    """Keep fp32 master copies of the weights that train when ``model.dtype`` loads them in half precision.
+
+    Under ``trainer.precision: bf16-mixed`` (or ``16-mixed``) the trainable weights become float32 (all
+    weights when FSDP2 shards the model, which needs one dtype) and autocast computes in half precision,
+    as in every mixed-precision trainer; frozen weights stay in ``model.dtype``. A half-precision weight
+    without a master copy loses every AdamW update smaller than half its spacing (bfloat16: 2^-8 of
+    the weight; at learning rate 1e-5 most updates), so the other precisions only warn. Returns what
+    was done (``"fp32 masters"``, ``"warned"`` or ``""``).
+    """
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    pure_half = precision in ("bf16-true", "16-true", "bf16", "16", "half")  # Lightning casts every weight
+    half = pure_half or any(p.dtype in HALF_DTYPES for p in trainable)
+    if not trainable or not half:
+        return ""
+    if precision.endswith("-mixed"):
+        if sharded:
+            model.float()
+        else:
+            for parameter in trainable:
+                parameter.data = parameter.data.float()
+        rank_zero_info(f"forklight: model.dtype={dtype}: the {sum(p.numel() for p in trainable):,} trainable weights "
+                       f"train as float32 master weights; trainer.precision={precision} computes in half precision")
+        return "fp32 masters"
+    rank_zero_warn(
+        f"model.dtype={dtype} with trainer.precision={precision} trains half-precision weights without an fp32 "
+        f"master copy: an AdamW update smaller than ~2^-9 of a weight rounds away, and at "
+        f"model.learning_rate={learning_rate:g} most do. Set trainer.precision=bf16-mixed (forklight then keeps "
+        "fp32 master weights) or leave model.dtype unset.")
+    return "warned"

@@ -25,7 +25,7 @@ from forklight.data.records import RecordError
 from forklight.data.rendering import TraceSetBatch, end_of_turn_id, load_tokenizer
 from forklight.evaluation import QuestionEvaluation, choose_tags, evaluation_metrics, used_tags
 from forklight.forking import add_fork_tokens, fork_log_policy, fork_token_names, init_fork_embeddings
-from forklight.models import DTYPES, apply_lora, build_causal_lm, check_gguf, lora_settings
+from forklight.models import DTYPES, apply_lora, build_causal_lm, check_gguf, keep_master_weights, lora_settings
 from forklight.rewards import gold_answer_parser, resolve_callable, resolve_verifier, run_verifier
 from forklight.rollout import generate_completions
 from forklight.sharding import fully_shard_model
@@ -83,7 +83,9 @@ class ForkModule(L.LightningModule):
             gguf_file: a GGUF file inside ``name_or_path`` (dequantised to a plain model; needs ``gguf``).
             model_config: ``AutoConfig`` keyword arguments (with ``model_type``) of a fresh model (toy, tests).
             tokenizer: tokenizer name or path; default ``name_or_path``, or ``toy`` (character tokenizer).
-            dtype: weight dtype (``float32``, ``bfloat16``, ``float16``); unset keeps the checkpoint's.
+            dtype: weight dtype (``float32``, ``bfloat16``, ``float16``); unset keeps the checkpoint's. In ``fit``
+                under ``trainer.precision: bf16-mixed`` the trainable weights train as float32 master weights
+                (:func:`~forklight.models.keep_master_weights`) and exports are written in this dtype.
             trust_remote_code: run a model repository's own code (off unless you trust it).
             gradient_checkpointing: recompute activations in backward to save memory (non-reentrant: works
                 under DDP, FSDP and FSDP2).
@@ -314,6 +316,9 @@ class ForkModule(L.LightningModule):
         if self.lora is not None:
             self.model = apply_lora(self.model, self.lora, self.fork_token_ids)
         self.on_model_built()
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            keep_master_weights(self.model, hp.dtype, str(self.trainer.precision), hp.learning_rate,
+                                sharded=self.device_mesh is not None)
         self._matrix_names = {name for name, p in self.named_parameters() if p.ndim >= 2}
         self.model = self.shard(self.model)
 

@@ -118,7 +118,7 @@ class SSFTModule(ForkModule):
                     pairs.append((row_of[key], scored))
         was_training = self.model.training
         self.model.eval()
-        costs = torch.empty(len(pairs))
+        costs = torch.empty(len(pairs), dtype=torch.float32)  # whatever the default dtype (bf16-true sets it)
         chunk_rows = self.hparams.match_chunk_rows
         by_chunk: dict[int, list[int]] = {}
         for p, (row, _) in enumerate(pairs):
@@ -135,7 +135,7 @@ class SSFTModule(ForkModule):
             targets = torch.cat([s.cpu() for _, s in scored])  # [K]
             owners = torch.cat([torch.full((len(s),), i) for i, (_, s) in enumerate(scored)])  # [K]
             nll = scored_token_nll(logits, rows, positions, targets)  # [K]
-            costs[members] = group_means(nll, owners, len(members)).cpu()
+            costs[members] = group_means(nll, owners, len(members)).float().cpu()
             del logits
         if forward_is_collective(self.model):  # FSDP: as many forward passes as the busiest rank, or it waits
             busiest = self.trainer.strategy.reduce(torch.tensor(forwards, device=self.device), reduce_op="max")
