@@ -6,12 +6,22 @@ and calls :func:`evaluation_metrics` with its settings.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from forklight.metrics import cons_at_k, distinctness, pass_at_k, strategy_purity
+from forklight.metrics import (
+    answer_groups,
+    cons_at_k,
+    distinctness,
+    interleave_tags,
+    maj_at_k,
+    native_cons_at_n,
+    pass_at_k,
+    strategy_purity,
+)
 
 
 @dataclass
@@ -21,7 +31,7 @@ class QuestionEvaluation:
     id: str
     answer: str | None
     scores: list[list[float | None]]  # [N][n] verifier scores (None = not scorable)
-    answers: list[list[str | None]]  # [N][n] extracted answers, for majority voting
+    answers: list[list[str | None]]  # [N][n] extracted answers (None: none found), for majority voting
     lengths: list[list[int]]  # [N][n] generated tokens
     texts: list[list[str]]  # [N][n]
     strategies: list[list[str | None]] = field(default_factory=list)  # [N][n] if a classifier is set
@@ -60,12 +70,21 @@ def evaluation_metrics(
     num_tags: int,
     n_per_tag: int,
     k: int,
-    extract_answer: Callable[[str], str | None],
+    same_answer: Callable[[str, str], bool] | None,
     policy_tags: dict[str, int],
     fork_policy: str,
     purity_tags: list[int] | None = None,
 ) -> dict[str, float]:
-    """Per-tag pass@1/len(/purity), pass@k, cons@N, single-shot pass@1 per policy, distinctness.
+    """Per-tag pass@1/len/maj@n(/purity), pass@k, cons@N, cons@k, single-shot pass@1 per policy, distinctness.
+
+    Majority votes (DESIGN.md §2) count answers that ``same_answer`` (the verifier's
+    equivalence; None: exact string equality) says are equal as one group; None answers do not
+    vote; a vote is correct when the winning group's first member was scored correct; ties go to
+    the group whose first member came earliest in tag-interleaved order (tag 1 sample 1, tag 2
+    sample 1, ..., tag 1 sample 2, ...). ``cons@N`` (native): round r votes over sample r of every
+    tag, averaged over rounds and questions. ``cons@{k}``: one vote over the first k samples in
+    interleaved order (only when there are at least k). ``tag{i}/maj@{n}`` (when n > 1): one vote
+    over tag i's n samples. Questions without any score (no gold answer) do not vote.
 
     ``policy_tags`` maps the tag-picking policies (``coverage``, ``fixed``) to their tag;
     ``uniform`` and ``best_tag`` are computed from all tags; ``learned`` (expected pass@1 of a tag
@@ -80,17 +99,28 @@ def evaluation_metrics(
         tag_pass.append(float(np.mean(scored)) if scored else 0.0)
         metrics[f"tag{tag + 1}/pass@1"] = tag_pass[-1]
         metrics[f"tag{tag + 1}/len"] = float(np.mean([length for e in evaluations for length in e.lengths[tag]]))
-    pass_k, cons = [], []
+    pass_k, cons_n, cons_k = [], [], []
+    maj: list[list[float]] = [[] for _ in range(num_tags)]  # [N][questions]
     for e in evaluations:
         flat = [s for row in e.scores for s in row if s is not None]
         if flat and len(flat) >= k:
             pass_k.append(pass_at_k(len(flat), int(sum(s > 0.5 for s in flat)), k))
-        if e.answer is not None:
-            voted = [e.answers[tag][sample] for sample in range(n) for tag in range(num_tags)]  # one per tag, round by round
-            gold = extract_answer(e.answer)
-            cons.append(cons_at_k(voted, gold, k) if gold is not None else 0.0)
+        if not flat:
+            continue  # nothing scored (no gold answer): no vote
+        interleaved = answer_groups(interleave_tags(e.answers), same_answer or operator.eq)  # [N*n]
+        groups = [interleaved[tag::num_tags] for tag in range(num_tags)]  # [N][n], ids shared across tags
+        cons_n.append(native_cons_at_n(groups, e.scores))
+        if len(interleaved) >= k:
+            cons_k.append(cons_at_k(interleaved, interleave_tags(e.scores), k))
+        for tag in range(num_tags):
+            maj[tag].append(maj_at_k(groups[tag], e.scores[tag], n))
     metrics["pass@k"] = float(np.mean(pass_k)) if pass_k else 0.0
-    metrics["cons@N"] = float(np.mean(cons)) if cons else 0.0
+    metrics["cons@N"] = float(np.mean(cons_n)) if cons_n else 0.0
+    if cons_k:
+        metrics[f"cons@{k}"] = float(np.mean(cons_k))
+    if n > 1 and cons_n:
+        for tag in range(num_tags):
+            metrics[f"tag{tag + 1}/maj@{n}"] = float(np.mean(maj[tag]))
     for policy, tag in policy_tags.items():
         metrics[f"pass@1/{policy}"] = tag_pass[tag]
     metrics["pass@1/uniform"] = float(np.mean(tag_pass))

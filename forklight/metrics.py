@@ -1,10 +1,14 @@
-"""Evaluation metrics: pass@k, consensus@k, and diversity across forking tokens."""
+"""Evaluation metrics: pass@k, majority votes (cons@N, cons@k, maj@k), and diversity across forking tokens."""
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from itertools import combinations
-from typing import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -32,39 +36,90 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return 1.0 - probability_all_wrong
 
 
-def majority_vote(answers: Sequence[str | None]) -> str | None:
-    """Most common non-None answer; ties go to the answer that appeared first.
+def interleave_tags(samples_by_tag: Sequence[Sequence[T]]) -> list[T]:
+    """[N][n] -> [N*n] in tag-interleaved order: tag 1 sample 1, tag 2 sample 1, ..., tag 1 sample 2, ..."""
+    return [row[sample] for sample in range(len(samples_by_tag[0]) if samples_by_tag else 0) for row in samples_by_tag]
 
-    Returns None if there is no non-None answer.
+
+def answer_groups(
+    answers: Sequence[str | None], same_answer: Callable[[str, str], bool] = operator.eq
+) -> list[int | None]:
+    """Group id of each answer, [S] in voting order, so that votes count equal answers together.
+
+    An answer joins the first earlier group whose first member it equals
+    (``same_answer(first_member, answer)``, e.g. the verifier's ``1/2 = \\frac12 = 0.5``), else
+    opens the next group (ids 0, 1, ... in order of first appearance). None (no answer) stays None.
     """
-    counts = Counter(answer for answer in answers if answer is not None)
+    representatives: list[str] = []  # first member of each group
+    groups: list[int | None] = []
+    for answer in answers:
+        if answer is None:
+            groups.append(None)
+            continue
+        group = next((index for index, first in enumerate(representatives)
+                      if first == answer or same_answer(first, answer)), None)
+        if group is None:
+            group = len(representatives)
+            representatives.append(answer)
+        groups.append(group)
+    return groups
+
+
+def majority_vote(groups: Sequence[Hashable | None]) -> int | None:
+    """Position of the vote's winner: the first member of the most common group.
+
+    ``groups``: one group id (or answer) per sample, in voting order. None (no answer) does not
+    vote. Ties go to the group whose first member came earliest. None if nobody voted.
+    """
+    counts = Counter(group for group in groups if group is not None)
     if not counts:
         return None
-    # Counter keeps first-insertion order and max() returns the first maximum.
-    return max(counts, key=lambda answer: counts[answer])
+    winner = max(counts, key=lambda group: counts[group])  # Counter keeps first-appearance order; max takes the first
+    return list(groups).index(winner)
 
 
-def cons_at_k(answers: Sequence[str | None], gold: str, k: int) -> float:
-    """Consensus@k: share of groups of k answers whose majority vote equals ``gold``.
+def vote_score(groups: Sequence[Hashable | None], scores: Sequence[float | None]) -> float:
+    """1.0 if the vote's winner (the winning group's first member) was scored correct (> 0.5), else 0.0.
 
-    ``answers`` must already be in voting order (the caller interleaves tags so
-    each group mixes forking tokens). They are split into ``len(answers) // k``
-    consecutive groups of k; an incomplete last group is dropped.
+    ``groups`` and ``scores`` [S], in voting order. The verifier's score of that sample decides,
+    not a comparison with a gold string. No vote, or an unscored winner, counts as wrong.
+    """
+    winner = majority_vote(groups)
+    if winner is None or scores[winner] is None:
+        return 0.0
+    return 1.0 if scores[winner] > 0.5 else 0.0
+
+
+def cons_at_k(groups: Sequence[Hashable | None], scores: Sequence[float | None], k: int) -> float:
+    """Consensus@k: :func:`vote_score` of a majority over the first k samples.
+
+    ``groups``/``scores`` [S] must already be in voting order: tag-interleaved
+    (:func:`interleave_tags`) for cons@k, one tag's samples for maj@k.
 
     Raises:
-        ValueError: if k < 1 or there are fewer than k answers.
+        ValueError: if k < 1 or there are fewer than k samples.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    if len(answers) < k:
-        raise ValueError(f"cons@{k} needs at least {k} answers, got {len(answers)}")
-    num_groups = len(answers) // k
-    groups = [answers[start * k : (start + 1) * k] for start in range(num_groups)]
-    return sum(majority_vote(group) == gold for group in groups) / num_groups
+    if len(groups) < k:
+        raise ValueError(f"cons@{k} needs at least {k} samples, got {len(groups)}")
+    return vote_score(groups[:k], scores[:k])
 
 
 maj_at_k = cons_at_k
-"""Majority@k: another name for :func:`cons_at_k` (same definition)."""
+"""Majority@k: the same vote as :func:`cons_at_k`, over k samples of one policy (one tag)."""
+
+
+def native_cons_at_n(groups: Sequence[Sequence[Hashable | None]], scores: Sequence[Sequence[float | None]]) -> float:
+    """Native cons@N (DESIGN.md §2): round r votes over sample r of every tag; mean over rounds.
+
+    ``groups``/``scores`` [N][n]. Each round's N answers vote in tag order (ties: the lowest tag's
+    group). Returns 0.0 when there are no samples.
+    """
+    rounds = len(groups[0]) if groups else 0
+    if rounds == 0:
+        return 0.0
+    return sum(vote_score([row[r] for row in groups], [row[r] for row in scores]) for r in range(rounds)) / rounds
 
 
 def _character_trigrams(text: str) -> set[str]:

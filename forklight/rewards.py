@@ -3,7 +3,8 @@
 A verifier is ``f(completions, answers, **columns) -> list[float | None]`` (``columns``: the
 record's other fields, one list each), named here (``exact_integer``, ``math``), given as
 ``module:function`` or ``{class_path, init_args}``; several combine with weights. ``extract_answer`` gives the answer string
-that majority voting (cons@N) compares.
+that majority voting (cons@N, cons@k, maj@k) counts; a verifier's optional ``same_answer(a, b)`` says which
+of those strings it counts as equal (default: exact string equality).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 log = logging.getLogger(__name__)
 _INTEGER = re.compile(r"-?\d+")
@@ -36,8 +38,39 @@ def exact_integer(completions: Sequence[str], answers: Sequence[str | None], **c
     return scores
 
 
+_MATH_DELIMITER = re.compile(r"\\boxed|\\\(|\\\[|(?<!\\)\$")  # \boxed, \(, \[ or an unescaped $
+_COMMAND_OR_TEXT = re.compile(r"\\(?:text|textbf|textit|mathrm|mbox|operatorname|begin|end)\{[^{}]*\}|\\[A-Za-z]+")
+_TWO_WORDS = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]|[A-Za-z]\s+[A-Za-z]{2,}")  # "not a", "a number"; not "xy + yz"
+
+
+def gold_as_math(answer: str) -> str:
+    """A gold answer as math-verify should read it: bare LaTeX (``2\\sqrt{2}``, ``[-2,7]``) in ``$...$``.
+
+    math-verify only reads LaTeX inside math delimiters; outside them it takes the first number
+    (``2\\sqrt{2}`` -> 2) or nothing (``\\frac{\\sqrt{3}}{2}``). Answers already in ``$...$``,
+    ``\\(...\\)``, ``\\[...\\]`` or ``\\boxed{}``, and prose (two words in a row outside LaTeX
+    commands and ``\\text{}``, e.g. a full solution), are left as they are.
+    """
+    if _MATH_DELIMITER.search(answer) or _TWO_WORDS.search(_COMMAND_OR_TEXT.sub(" ", answer)):
+        return answer
+    return "$" + " ".join(answer.splitlines()) + "$"  # inline math is one line
+
+
+@lru_cache(maxsize=4096)
+def _parse_math(text: str, timeout_s: int | None) -> list:
+    """math-verify's parse of a gold answer or an extracted answer (``[]`` if unreadable or too slow)."""
+    from math_verify import parse
+
+    return parse(gold_as_math(text), parsing_timeout=timeout_s)
+
+
 class MathVerifier:
     """Math answers with math-verify: ``\\boxed{}`` or a final answer, compared symbolically, gold first.
+
+    Gold answers are read as math (:func:`gold_as_math`): bare LaTeX as datasets store it
+    (``2\\sqrt{2}``, ``\\frac{14}{3}``, ``[-2,7]``, ``\\text{(C)}``, ``\\$18.90``) or already in
+    ``$...$``/``\\boxed{}``. ``same_answer`` tells majority voting which extracted answers count as
+    equal (``1/2``, ``\\frac12``, ``0.5``).
 
     A completion that cannot be parsed, or whose check runs past ``timeout_s``, scores 0 and is
     counted (``parse_failures``, ``timeouts``); a gold answer that cannot be parsed gives None (the
@@ -86,16 +119,46 @@ class MathVerifier:
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
 
-    @staticmethod
-    def extract_answer(text: str) -> str | None:
-        """The answer math-verify extracts (its string form), for majority voting."""
+    def _timeout(self) -> int | None:
+        """math-verify's SIGALRM timeout works only in the main thread; elsewhere parsing is unbounded."""
+        return self.timeout_s if threading.current_thread() is threading.main_thread() else None
+
+    def extract_answer(self, text: str) -> str | None:
+        """The answer math-verify extracts from a completion (its LaTeX string form), for majority voting."""
         from math_verify import parse
 
         try:
-            parsed = parse(text, parsing_timeout=None)
+            parsed = parse(text, parsing_timeout=self._timeout())
         except Exception:
             return None
         return str(parsed[-1]) if parsed else None
+
+    def extract_gold(self, answer: str) -> str | None:
+        """The gold answer as the verifier reads it (its LaTeX string form), or None if it cannot."""
+        parsed = _parse_math(answer, self._timeout())
+        return str(parsed[-1]) if parsed else None
+
+    def same_answer(self, first: str, second: str) -> bool:
+        """Whether math-verify counts two extracted answers as equal, checked both ways (it is
+        gold-first, hence asymmetric). Identical strings are equal; an answer it cannot read, or a
+        check past ``timeout_s``, is equal to none other. Outside the main thread (no timeouts)
+        only identical strings are equal."""
+        if first == second:
+            return True
+        timeout_s = self._timeout()
+        if timeout_s is None:
+            return False
+        from math_verify import verify
+        from math_verify.errors import TimeoutException
+
+        parsed_first, parsed_second = _parse_math(first, timeout_s), _parse_math(second, timeout_s)
+        if not parsed_first or not parsed_second:
+            return False
+        try:
+            return bool(verify(parsed_first, parsed_second, timeout_seconds=timeout_s)
+                        and verify(parsed_second, parsed_first, timeout_seconds=timeout_s))
+        except (Exception, TimeoutException):
+            return False
 
 
 def _math_scores(completions: list[str], answers: list[str | None], timeout_s: int) -> list[tuple[float | None, str]]:
@@ -106,7 +169,7 @@ def _math_scores(completions: list[str], answers: list[str | None], timeout_s: i
     results = []
     for completion, answer in zip(completions, answers, strict=True):
         try:
-            gold = parse(answer, parsing_timeout=timeout_s, raise_on_error=True) if answer else []
+            gold = parse(gold_as_math(answer), parsing_timeout=timeout_s, raise_on_error=True) if answer else []
         except TimeoutException:
             gold = []
         except Exception:
@@ -135,6 +198,7 @@ class WeightedVerifiers:
         self.verifiers = verifiers
         self.weights = weights
         self.extract_answer = getattr(verifiers[0], "extract_answer", extract_last_integer)
+        self.same_answer = getattr(verifiers[0], "same_answer", None)  # None: exact string equality
         self.handles_timeouts = all(_bounded(verifier) for verifier in verifiers)
 
     def __call__(self, completions: Sequence[str], answers: Sequence[str | None], **columns) -> list[float | None]:
@@ -209,8 +273,11 @@ def run_verifier(
 
 def gold_answer_parser(verifier: Callable, extract_answer: Callable[[str], str | None]) -> Callable | None:
     """How the verifier reads a gold answer, where it says so (``exact_integer``, ``math``, or a
-    verifier with an ``extract_answer`` method); None for other user verifiers (not checked)."""
+    verifier with an ``extract_gold`` or ``extract_answer`` method); None for other user verifiers
+    (not checked). ``extract_gold`` (``math``: gold answers are bare LaTeX) wins over ``extract_answer``."""
     first = verifier.verifiers[0] if isinstance(verifier, WeightedVerifiers) else verifier
+    if hasattr(first, "extract_gold"):
+        return first.extract_gold
     if first is exact_integer or hasattr(first, "extract_answer"):
         return extract_answer
     return None

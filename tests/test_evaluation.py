@@ -42,8 +42,54 @@ def test_pass_at_k_with_k_below_the_sample_count(tiny_ssft):
     evaluations = [evaluation("a", "5", [[1.0, 0.0], [0.0, 0.0]], [["5", "4"], ["3", "3"]], [])]
     metrics = module.evaluation_metrics(evaluations)
     assert metrics["pass@k"] == pytest.approx(0.25)  # 1 of 4 samples correct, k = 1
-    assert metrics["cons@N"] == pytest.approx(0.25)  # k=1 votes, round by round: (5) (3) (4) (3)
+    # native cons@N, round by round: (5, 3) tie -> tag 1's 5, correct; (4, 3) tie -> tag 1's 4, wrong
+    assert metrics["cons@N"] == pytest.approx(0.5)
+    assert metrics["cons@1"] == 1.0  # the first sample in interleaved order: tag 1's 5
+    assert metrics["tag1/maj@2"] == 1.0 and metrics["tag2/maj@2"] == 0.0  # tag 1: 5, 4 tie -> 5
     assert "purity" not in metrics
+
+
+def test_native_cons_at_n_takes_one_sample_per_tag_per_round(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=2, n_per_tag=3)
+    answers = [["5", "5", "7"], ["5", "7", "7"]]  # [N=2][n=3]
+    scores = [[1.0 if a == "5" else 0.0 for a in row] for row in answers]
+    metrics = module.evaluation_metrics([evaluation("a", "5", scores, answers, [])])
+    # rounds: (5, 5) correct; (5, 7) tie -> tag 1's 5, correct; (7, 7) wrong. Not one vote over all 6.
+    assert metrics["cons@N"] == pytest.approx(2 / 3)
+    assert metrics["cons@6"] == 1.0  # all 6 samples: 5 and 7 tie at 3, 5 came first (tag 1 sample 1)
+    assert metrics["tag1/maj@3"] == 1.0 and metrics["tag2/maj@3"] == 0.0
+
+
+def test_cons_at_k_takes_the_first_k_samples_in_tag_interleaved_order(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=3, n_per_tag=2, pass_k=3)
+    answers = [["7", "7"], ["5", "5"], ["5", "5"]]  # interleaved: 7 5 5 | 7 5 5; tag by tag it would be 7 7 5
+    scores = [[1.0 if a == "5" else 0.0 for a in row] for row in answers]
+    metrics = module.evaluation_metrics([evaluation("a", "5", scores, answers, [])])
+    assert metrics["cons@3"] == 1.0
+    assert metrics["cons@N"] == 1.0
+    assert metrics["pass@k"] == pytest.approx(1 - 0.0)  # 4 of 6 correct: every 3-subset has one
+
+
+def test_votes_group_answers_the_math_verifier_counts_as_equal(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=5, verifier="math")
+    texts = [r"\boxed{7}", r"\boxed{7}", r"so \boxed{\dfrac{1}{2}}", "The answer is 1/2", "The answer is 0.5"]
+    answers = [module.extract_answer(text) for text in texts]
+    assert answers == ["7", "7", r"\frac{1}{2}", "1/2", "0.5"]  # as strings, 7 would win the vote 2 to 1
+    scores = module.verifier(texts, [r"\frac12"] * len(texts))
+    assert scores == [0.0, 0.0, 1.0, 1.0, 1.0]
+    question = QuestionEvaluation(id="a", answer=r"\frac12", scores=[[s] for s in scores],
+                                  answers=[[a] for a in answers], lengths=[[1]] * 5, texts=[[t] for t in texts])
+    metrics = module.evaluation_metrics([question])
+    assert metrics["cons@N"] == 1.0  # one round: 1/2 = \frac12 = 0.5 win 3 to 2
+    assert metrics["cons@5"] == 1.0
+
+
+def test_questions_without_scores_do_not_vote(tiny_ssft):
+    module = tiny_ssft(num_fork_tokens=2)
+    scored = evaluation("a", "5", [[1.0], [0.0]], [["5"], ["3"]], [])
+    unscored = evaluation("b", None, [[None], [None]], [["5"], ["3"]], [])
+    metrics = module.evaluation_metrics([scored, unscored])
+    assert metrics["cons@N"] == 1.0 and metrics["cons@2"] == 1.0
 
 
 def test_learned_and_argmax_policies_by_hand(tiny_ssft):

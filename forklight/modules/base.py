@@ -544,7 +544,7 @@ class ForkModule(L.LightningModule):
             num_tags=len(self.fork_token_ids),
             n_per_tag=hp.n_per_tag,
             k=hp.pass_k or len(self.fork_token_ids) * hp.n_per_tag,
-            extract_answer=self.extract_answer,
+            same_answer=getattr(self.verifier, "same_answer", None),  # votes group equal answers
             policy_tags={"coverage": self.default_tag, "fixed": hp.fixed_tag},
             fork_policy=hp.fork_policy,
             purity_tags=self.used_tags() if self.classify_strategy is not None else None,
