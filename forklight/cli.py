@@ -5,11 +5,17 @@ DataModule plugs in; YAML may interpolate (``parser_mode="omegaconf"``) and ``-c
 overlays; the resolved config is saved in the run directory. Checkpoints are written atomically
 (``forklight.checkpointing``) and ``--ckpt_path last`` resumes the newest run of the configured
 logger, in that run's own directory.
+
+A user error (:class:`forklight.errors.UserError`: a bad record, a bad config value, a missing
+file) ends the program with one line, ``forklight: error: <file:line or key>: ...``, and exit
+status 2, as jsonargparse's own config errors do; ``FORKLIGHT_DEBUG=1`` shows its traceback. Any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from forklight.checkpointing import find_last_checkpoint, use_atomic_checkpoints
 from forklight.data.datamodule import ForkDataModule
+from forklight.errors import ConfigError, UserError
 from forklight.modules.base import ForkModule
 from forklight.starting import IDENTITY_KEYS, tokenizer_name
 
@@ -53,14 +60,16 @@ class ForkLightningCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """As Lightning's, but a component's own error (e.g. a bad ``model.init_from``) is raised by
-        itself, not buried in jsonargparse's "Does not validate against any of the Union subtypes"."""
+        itself, not buried in jsonargparse's "Does not validate against any of the Union subtypes",
+        and as a :class:`ConfigError`: a constructor's ``ValueError`` or ``OSError`` (a missing file)
+        is its check of a value the config gave it."""
         try:
             super().instantiate_classes()
-        except ValueError as error:
+        except UserError:
+            raise
+        except (ValueError, OSError) as error:
             reasons = constructor_errors(str(error))
-            if not reasons:
-                raise
-            raise ValueError("\n".join(reasons)) from None
+            raise ConfigError("\n".join(reasons) if reasons else str(error)) from error
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -119,9 +128,23 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> ForkLightningC
     )
 
 
-def main(args: list[str] | None = None) -> None:
-    """Console entry point; ``args`` replaces ``sys.argv[1:]`` (tests drive the CLI this way)."""
-    build_cli(args)
+def main(args: list[str] | None = None, exit_on_error: bool | None = None) -> None:
+    """Console entry point; ``args`` replaces ``sys.argv[1:]`` (tests drive the CLI this way).
+
+    ``exit_on_error`` (default: when run as a program, i.e. without ``args``) turns a
+    :class:`UserError` into ``forklight: error: <message>`` on stderr and exit status 2; otherwise,
+    or with ``FORKLIGHT_DEBUG=1``, it is raised with its traceback.
+    """
+    if exit_on_error is None:
+        exit_on_error = args is None
+    if not exit_on_error or os.environ.get("FORKLIGHT_DEBUG", "") not in ("", "0"):
+        build_cli(args)
+        return
+    try:
+        build_cli(args)
+    except UserError as error:
+        print(f"forklight: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

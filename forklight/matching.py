@@ -45,7 +45,7 @@ def match_traces_to_tags(
     if num_traces > num_tags:
         raise ValueError(
             f"Matching mode {mode!r} got {num_traces} traces but only {num_tags} forking tokens; "
-            "raise num_fork_tokens or set max_traces"
+            "raise model.init_args.num_fork_tokens, or set data.init_args.max_traces to at most that many"
         )
 
     if mode == "fixed":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 import yaml
 
 from forklight.cli import build_cli, main
+from forklight.data.records import RecordError
+from forklight.errors import ConfigError
 from tests.conftest import CONFIGS, REPO, tiny_overrides
 
 SHIPPED = sorted(str(path.relative_to(CONFIGS)) for path in CONFIGS.rglob("*.yaml"))
@@ -95,3 +98,94 @@ def test_a_component_error_is_raised_by_itself(tmp_path, monkeypatch):
         build_cli(["-c", str(CONFIGS / "gfpo.yaml")], run=False)
     assert str(error.value).startswith("model.init_from='runs/ssft/version_*/export' matches nothing")
     assert "Union subtypes" not in str(error.value)
+
+
+# ---- the user's data is never ignored; a user error is one line, not a traceback ----------------------------------
+def _traces_file(path: Path, rows: int = 4, bad_line: str | None = None) -> Path:
+    """A grouped jsonl in the toy tokenizer's alphabet; ``bad_line`` replaces line 2."""
+    lines = [json.dumps({"id": f"mine{k}", "prompt": f"{k}+1", "answer": str(k + 1), "traces": [f"so {k + 1}"]})
+             for k in range(rows)]
+    if bad_line is not None:
+        lines[1] = bad_line
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_an_explicit_train_file_turns_the_toy_task_off(tmp_path):
+    train = _traces_file(tmp_path / "traces.jsonl")
+    cli = build_cli(["-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), f"--data.init_args.train={train}"],
+                    run=False)
+    assert cli.datamodule.toy is None and cli.datamodule.hparams.toy is None  # the saved hparams say so too
+    cli.datamodule.setup("fit")
+    assert sorted(q.id for q in cli.datamodule.datasets["train"].questions) == [f"mine{k}" for k in range(4)]
+
+
+@pytest.mark.parametrize("problem", ["missing", "malformed"])
+def test_a_missing_or_malformed_train_file_stops_the_run(tmp_path, problem):
+    train = tmp_path / "traces.jsonl" if problem == "missing" else _traces_file(tmp_path / "traces.jsonl", bad_line="{")
+    with pytest.raises(RecordError, match=f"{train}:2: malformed JSON" if problem == "malformed" else "no such file"):
+        main(["fit", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), f"--data.init_args.train={train}"])
+
+
+def test_a_toy_split_given_as_a_file_is_read_from_the_file(tmp_path):
+    val = _traces_file(tmp_path / "val.jsonl", rows=2)
+    cli = build_cli(["-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), f"--data.init_args.val={val}"],
+                    run=False)
+    cli.datamodule.setup("fit")
+    assert [q.id for q in cli.datamodule.datasets["val"].questions] == ["mine0", "mine1"]
+    assert len(cli.datamodule.datasets["train"]) == 64  # still the toy task
+
+
+@pytest.mark.parametrize(("overrides", "keys"), [
+    (["--data.init_args.val_size=8"], ["data.init_args.val_size", "data.init_args.toy.num_val"]),
+    (["--data.init_args.train=t.jsonl", "--data.init_args.val=v.jsonl", "--data.init_args.val_size=8"],
+     ["data.init_args.val", "data.init_args.val_size"]),
+], ids=["toy-and-val_size", "val-and-val_size"])
+def test_settings_that_would_be_ignored_are_an_error_naming_both_keys(tmp_path, overrides, keys):
+    with pytest.raises(ConfigError) as error:
+        build_cli(["-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), *overrides], run=False)
+    assert all(key in str(error.value) for key in keys), str(error.value)
+
+
+def _forklight(tmp_path: Path, *args: str, debug: bool = False) -> subprocess.CompletedProcess:
+    """``python -m forklight fit -c configs/ssft.yaml <tiny overrides> *args`` in a fresh process."""
+    env = {**os.environ, "FORKLIGHT_DEBUG": "1" if debug else "0"}
+    command = [sys.executable, "-m", "forklight", "fit", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("problem", ["malformed", "missing", "bad-config-value"])
+def test_a_user_error_prints_one_located_line_without_a_traceback(tmp_path, problem):
+    train = _traces_file(tmp_path / "traces.jsonl", bad_line='{"id": "q1", "prompt": ')
+    args, expected = {
+        "malformed": ([f"--data.init_args.train={train}"], f"forklight: error: {train}:2: malformed JSON ("),
+        "missing": ([f"--data.init_args.train={tmp_path / 'nope.jsonl'}"],
+                    f"forklight: error: {tmp_path / 'nope.jsonl'}: no such file or directory; "),
+        "bad-config-value": (["--model.init_args.matching=greedy"], "forklight: error: model.matching"),
+    }[problem]
+    result = _forklight(tmp_path, *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("forklight: error: ")]
+    assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-3000:]
+    if problem != "bad-config-value":  # the notice that the explicit file replaced the toy task
+        assert "toy task (data.init_args.toy) is off" in result.stdout + result.stderr
+
+
+def test_forklight_debug_shows_the_traceback(tmp_path):
+    train = _traces_file(tmp_path / "traces.jsonl", bad_line="{")
+    result = _forklight(tmp_path, f"--data.init_args.train={train}", debug=True)
+    assert result.returncode != 0 and "Traceback" in result.stderr and f"{train}:2: malformed JSON" in result.stderr
+
+
+def _real_model_configs() -> list[str]:
+    """Whole run configs (not overlays) that train a real model on files rather than the toy task."""
+    configs = {name: yaml.safe_load((CONFIGS / name).read_text())["data"] for name in RUN_CONFIGS}
+    return [name for name, data in configs.items() if "class_path" in data and "toy" not in data["init_args"]]
+
+
+@pytest.mark.parametrize("name", _real_model_configs())
+def test_real_model_configs_skip_sanity_validation_and_choose_an_overlong_policy(name):
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    assert config["trainer"].get("num_sanity_val_steps") == 0, f"{name}: sanity validation generates before step 1"
+    assert config["data"]["init_args"].get("overlong") in ("truncate", "skip", "error"), name

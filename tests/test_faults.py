@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -349,3 +350,62 @@ def test_gfpo_killed_mid_epoch_resumes_with_the_same_losses(tmp_path):
         f"--model.init_args.init_from={export}", "--model.init_args.num_fork_tokens=3", "--model.init_args.group_size=3",
         "--model.init_args.max_completion_tokens=6", "--model.init_args.kl_coef=0.1", "--model.init_args.entropy_coef=0.1",
     ])
+
+
+# ---- overlong traces: data.overlong = truncate | skip | error ------------------------------------------------------
+LONG = "12+30=42. " * 3 + "so 42"  # 36 toy tokens with its end of turn: a row of 8 (prompt) + 1 (tag) + 36 > 24
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "skip", "error"])
+def test_overlong_traces_are_truncated_skipped_or_stop_the_run(tmp_path, overlong):
+    rows = [GOOD, g(id="q1", prompt="12+30", traces=["so 42", LONG]), g(id="q2", prompt="12+30", traces=[LONG])]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    data = ForkDataModule(train=path, tokenizer="toy", num_fork_tokens=3, max_length=24, overlong=overlong)
+    if overlong == "error":
+        with pytest.raises(RecordError) as info:
+            data.setup("fit")
+        message = str(info.value)
+        assert message.startswith(f"{path}:2: trace 2 of question 'q1' is 36 tokens"), message  # where, how long
+        assert "data.init_args.max_length=24" in message and "data.init_args.overlong" in message, message  # the keys
+        assert info.value.reason == "overlong"
+        return
+    data.setup("fit")
+    report, questions = data.validation["train"], {q.id: q for q in data.datasets["train"].questions}
+    room = 24 - 8 - 1
+    if overlong == "truncate":  # today's default: kept, cut to fit, and counted in traces and tokens
+        assert (report.truncated_traces, report.truncated_tokens) == (2, 2 * (36 - room))
+        assert [len(t) for t in questions["q1"].trace_ids] == [6, room] and set(questions) == {"q0", "q1", "q2"}
+        assert f"2 traces truncated to data.max_length ({2 * (36 - room)} tokens cut)" in data.validation_summary()
+    else:  # the trace is dropped; a question left without traces is skipped
+        assert (report.dropped_traces, report.dropped_tokens) == (2, 2 * 36) and report.truncated_traces == 0
+        assert [len(t) for t in questions["q1"].trace_ids] == [6] and set(questions) == {"q0", "q1"}
+        assert report.skipped == {"overlong": 1}
+        assert "2 overlong traces skipped (72 tokens)" in data.validation_summary()
+
+
+def test_an_overlong_flat_trace_is_named_by_its_own_line(tmp_path):
+    rows = [FLAT_GOOD, {**FLAT_GOOD, "trace": "40+2=42"}, {**FLAT_GOOD, "trace": LONG}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    data = ForkDataModule(train=path, tokenizer="toy", num_fork_tokens=3, max_length=24, overlong="error")
+    with pytest.raises(RecordError, match=rf"^{path}:3: trace 3 of question 'q0' is 36 tokens"):
+        data.setup("fit")
+
+
+def test_bad_overlong_value_names_the_key():
+    with pytest.raises(ValueError, match=r"data.overlong must be one of 'truncate', 'skip', 'error', got 'cut'"):
+        ForkDataModule(toy=ToyTask(), overlong="cut")
+
+
+def test_the_matching_error_names_the_config_keys():
+    from forklight.matching import match_traces_to_tags
+
+    with pytest.raises(ValueError) as info:
+        match_traces_to_tags(np.zeros((2, 3)), "hungarian")
+    assert "model.init_args.num_fork_tokens" in str(info.value) and "data.init_args.max_traces" in str(info.value)
+
+
+def test_a_tokenizer_that_cannot_be_loaded_is_a_config_error_naming_the_key(tmp_path):
+    from forklight.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cannot load the tokenizer .*nope.*; check model.init_args.name_or_path"):
+        load_tokenizer(str(tmp_path / "nope"))

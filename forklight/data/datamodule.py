@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from forklight.data.records import FieldNames, QuestionRecord, RecordError, load_records
+from forklight.data.records import LAYOUTS, ON_BAD_RECORD, FieldNames, QuestionRecord, RecordError, load_records
 from forklight.data.rendering import (
     TOY_TOKENIZER,
     TraceSetBatch,
@@ -28,8 +28,11 @@ from forklight.data.rendering import (
     render_prompt_ids,
     render_trace_ids,
 )
+from forklight.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+OVERLONG = ("truncate", "skip", "error")  # data.overlong: what to do with a trace whose row exceeds data.max_length
 
 
 @dataclass
@@ -61,20 +64,25 @@ class RenderedQuestion:
 
 @dataclass
 class SplitValidation:
-    """What validation did to one split: kept questions, skips per reason, truncations, sampling."""
+    """What validation did to one split: kept questions, skips per reason, overlong traces, sampling."""
 
     questions: int = 0
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> rows or questions skipped
-    truncated_traces: int = 0  # traces cut to data.max_length
+    truncated_traces: int = 0  # traces cut to data.max_length (data.overlong=truncate)
+    truncated_tokens: int = 0  # tokens cut off them
+    dropped_traces: int = 0  # overlong traces left out (data.overlong=skip)
+    dropped_tokens: int = 0  # tokens in them
     sampled_questions: int = 0  # questions with more traces than data.max_traces (that many drawn per epoch)
 
     def summary(self) -> str:
-        """e.g. ``"64 questions; skipped: 2 malformed_json, 1 too_few_traces; 3 traces truncated"``."""
+        """e.g. ``"64 questions; skipped: 2 malformed_json; 3 traces truncated to data.max_length (812 tokens cut)"``."""
         parts = [f"{self.questions} questions"]
         if self.skipped:
             parts.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())))
         if self.truncated_traces:
-            parts.append(f"{self.truncated_traces} traces truncated to data.max_length")
+            parts.append(f"{self.truncated_traces} traces truncated to data.max_length ({self.truncated_tokens} tokens cut)")
+        if self.dropped_traces:
+            parts.append(f"{self.dropped_traces} overlong traces skipped ({self.dropped_tokens} tokens)")
         if self.sampled_questions:
             parts.append(f"{self.sampled_questions} questions with more traces than data.max_traces (sampled per epoch)")
         return "; ".join(parts)
@@ -230,6 +238,7 @@ class ForkDataModule(L.LightningDataModule):
         system_prompt: str | None = None,
         end_token: str | None = None,
         max_length: int = 2048,
+        overlong: str = "truncate",
         max_traces: int | None = None,
         min_traces: int = 1,
         batch_size: int = 8,
@@ -246,7 +255,8 @@ class ForkDataModule(L.LightningDataModule):
             test: test data (same formats); if unset, ``test_size`` questions are split off ``train``.
             predict: questions for ``forklight predict`` (same formats, or questions without traces:
                 ``{"id", "prompt" | "messages", "answer"?}`` per line); default the test split.
-            toy: use the embedded toy arithmetic task instead of files.
+            toy: the embedded toy arithmetic task; off when ``train`` is set (a ``val``/``test`` file
+                replaces that toy split).
             tokenizer: tokenizer name or path (linked from ``model.tokenizer``); ``toy`` = character tokenizer.
             num_fork_tokens: number of forking tokens (linked from the model).
             fields: field names of the input records.
@@ -258,7 +268,10 @@ class ForkDataModule(L.LightningDataModule):
             prompt_template: format string with ``{prompt}``, used instead of the chat template.
             system_prompt: system message put first when rendering with the chat template.
             end_token: token that ends an answer (default: the tokenizer's EOS).
-            max_length: longest row (prompt + tag + trace + end); longer traces are truncated and counted.
+            max_length: longest row (prompt + tag + trace + end); see ``overlong`` for longer traces.
+            overlong: a trace whose row is longer than ``max_length``: ``truncate`` it (its end-of-turn
+                token is lost), ``skip`` it (a question left without traces is skipped), or stop with an
+                ``error`` naming its file:line. Traces and tokens cut or skipped are counted per split.
             max_traces: most traces per question per step (default: ``num_fork_tokens``); more are sampled.
             min_traces: questions with fewer training traces are an error (or skipped).
             batch_size: questions per training batch.
@@ -268,17 +281,31 @@ class ForkDataModule(L.LightningDataModule):
             trust_remote_code: allow a tokenizer's own code (off unless the model asks for it).
         """
         super().__init__()
-        if on_bad_record not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        for key, value, allowed in (("on_bad_record", on_bad_record, ON_BAD_RECORD), ("layout", layout, LAYOUTS),
+                                    ("overlong", overlong, OVERLONG)):
+            if value not in allowed:
+                raise ConfigError(f"data.{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         if train is None and toy is None:
-            raise ValueError("set data.train to a data file/dataset, or data.toy for the embedded toy task")
+            raise ConfigError("set data.train to a data file/dataset, or data.toy for the embedded toy task")
+        if train is not None and toy is not None:  # an explicit file overrides a config's toy default
+            rank_zero_info(f"forklight: data.init_args.train={train!r} is set, so the toy task (data.init_args.toy) is off")
+            toy = None
+        for split, size, file in (("val", val_size, val), ("test", test_size, test)):
+            if size and toy is not None:
+                raise ConfigError(f"data.init_args.{split}_size={size} splits questions off data.init_args.train, but "
+                                  f"the toy task makes its own {split} split: set data.init_args.toy.num_{split} instead")
+            if size and file is not None:
+                raise ConfigError(f"data.init_args.{split}={file!r} and data.init_args.{split}_size={size} are both set; "
+                                  f"give one (--data.init_args.{split}=null splits {split}_size questions off train)")
         for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                 ("max_length", max_length, 8), ("min_traces", min_traces, 1),
                                 ("max_traces", 1 if max_traces is None else max_traces, 1), ("num_workers", num_workers, 0),
                                 ("val_size", val_size, 0), ("test_size", test_size, 0)):
             if value < low:
-                raise ValueError(f"data.{key} must be >= {low}, got {value}")
+                raise ConfigError(f"data.{key} must be >= {low}, got {value}")
         self.save_hyperparameters()
+        if toy is None:  # also when data.train turned it off (LightningCLI saves the config as given)
+            self.hparams["toy"] = None
         self.toy = toy
         self.fields = fields
         self.max_traces = max_traces if max_traces is not None else num_fork_tokens
@@ -310,13 +337,20 @@ class ForkDataModule(L.LightningDataModule):
 
         toy = self.toy
         total = toy.num_train + toy.num_val + toy.num_test
-        records = generate_toy_records(total, toy.seed, toy.min_terms, toy.max_terms, toy.min_digits, toy.max_digits)
+        try:
+            records = generate_toy_records(total, toy.seed, toy.min_terms, toy.max_terms, toy.min_digits, toy.max_digits)
+        except ValueError as error:  # the toy's own option checks
+            raise ConfigError(f"data.toy: {error}") from error
         self.reports.append(f"toy task: {toy.num_train} train, {toy.num_val} val, {toy.num_test} test questions")
-        return {
+        splits = {
             "train": records[: toy.num_train],
             "val": records[toy.num_train : toy.num_train + toy.num_val],
             "test": records[toy.num_train + toy.num_val :],
         }
+        for split in ("val", "test"):  # a file the user names replaces the toy's split
+            if self.hparams[split] is not None:
+                splits[split] = self._read(self.hparams[split], split)
+        return splits
 
     def _read_file_splits(self) -> dict[str, list[QuestionRecord]]:
         splits = {"train": self._read(self.hparams.train, "train")}
@@ -327,7 +361,7 @@ class ForkDataModule(L.LightningDataModule):
                 splits[name] = self._read(given, name)
             elif size > 0:
                 if size >= len(splits["train"]):
-                    raise ValueError(f"data.{name}_size={size} leaves no training questions ({len(splits['train'])} read)")
+                    raise ConfigError(f"data.{name}_size={size} leaves no training questions ({len(splits['train'])} read)")
                 order = rng.permutation(len(splits["train"]))
                 held = set(order[:size].tolist())
                 splits[name] = [r for i, r in enumerate(splits["train"]) if i in held]
@@ -340,7 +374,7 @@ class ForkDataModule(L.LightningDataModule):
     def _render(self, records: list[QuestionRecord], split: str) -> list[RenderedQuestion]:
         hp = self.hparams
         end_id = end_of_turn_id(self.tokenizer, hp.end_token)
-        questions, truncated, skipped = [], 0, 0
+        questions, skipped = [], 0
         validation = self.validation.setdefault(split, SplitValidation())
         for record in records:
             try:
@@ -364,34 +398,67 @@ class ForkDataModule(L.LightningDataModule):
                 log.warning("skipped bad record: %s", error)
                 continue
             room = hp.max_length - len(prompt_ids) - 1  # tokens left after prompt and tag
-            trace_ids = []
-            for trace in record.traces:
+            trace_ids, sources = [], []
+            for number, trace in enumerate(record.traces, 1):
                 ids = render_trace_ids(self.tokenizer, trace.text, end_id)
                 if len(ids) > room:
-                    truncated += 1
+                    self._overlong(record, number, len(prompt_ids), len(ids), validation)
+                    if hp.overlong == "skip":
+                        continue
                     ids = ids[:room]
                 trace_ids.append(ids)
+                sources.append(trace.source)
+            if record.traces and not trace_ids:  # every trace was overlong (data.overlong=skip)
+                skipped += 1
+                validation.skipped["overlong"] += 1
+                continue
             questions.append(
                 RenderedQuestion(
                     id=record.id,
                     prompt_ids=prompt_ids,
                     trace_ids=trace_ids,
-                    sources=[trace.source for trace in record.traces],
+                    sources=sources,
                     answer=record.answer,
                     columns=record.columns,
                     location=record.location,
                 )
             )
-            if split == "train" and self.max_traces is not None and len(record.traces) > self.max_traces:
+            if split == "train" and self.max_traces is not None and len(trace_ids) > self.max_traces:
                 validation.sampled_questions += 1
-        if truncated:
+        if validation.truncated_traces:
             log.warning(
-                "%s: %d traces longer than data.max_length=%d were truncated (their end-of-turn token is lost)",
-                split, truncated, hp.max_length,
+                "%s: %d traces longer than data.max_length=%d were truncated (%d tokens cut; their end-of-turn token "
+                "is lost); set data.init_args.overlong=skip or error, or raise data.init_args.max_length",
+                split, validation.truncated_traces, hp.max_length, validation.truncated_tokens,
             )
-        self.reports.append(f"{split}: {len(questions)} questions, {truncated} traces truncated, {skipped} skipped")
-        validation.questions, validation.truncated_traces = len(questions), truncated
+        if validation.dropped_traces:
+            log.warning("%s: %d traces longer than data.max_length=%d were skipped (%d tokens; data.overlong=skip)",
+                        split, validation.dropped_traces, hp.max_length, validation.dropped_tokens)
+        self.reports.append(f"{split}: {len(questions)} questions, {validation.truncated_traces} traces truncated, "
+                            f"{validation.dropped_traces} overlong traces skipped, {skipped} skipped")
+        validation.questions = len(questions)
         return questions
+
+    def _overlong(self, record: QuestionRecord, number: int, prompt_tokens: int, trace_tokens: int,
+                  validation: SplitValidation) -> None:
+        """Count (or, with ``data.overlong=error``, refuse) a trace whose row is longer than ``data.max_length``."""
+        hp = self.hparams
+        room = hp.max_length - prompt_tokens - 1  # tokens left after prompt and tag
+        if hp.overlong == "error":
+            where = record.traces[number - 1].location or record.location
+            raise RecordError(
+                f"{where}: trace {number} of question '{record.id}' is {trace_tokens} tokens (with its end of turn); "
+                f"after the {prompt_tokens}-token prompt and the tag its row is {prompt_tokens + 1 + trace_tokens} > "
+                f"data.init_args.max_length={hp.max_length}; raise data.init_args.max_length, shorten the trace, or set "
+                "data.init_args.overlong=truncate or skip",
+                "overlong",
+            )
+        if hp.overlong == "skip":
+            validation.dropped_traces += 1
+            validation.dropped_tokens += trace_tokens
+        else:
+            validation.truncated_traces += 1
+            validation.truncated_tokens += trace_tokens - room
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -402,7 +469,8 @@ class ForkDataModule(L.LightningDataModule):
             max_traces = self.max_traces if split == "train" else None  # evaluation keeps every trace
             self.datasets[split] = QuestionDataset(self._render(records, split), max_traces, self.hparams.seed)
         if not self.datasets["train"].questions and stage in (None, "fit"):
-            raise ValueError("no training questions left after validation; check the data and data.on_bad_record")
+            raise ConfigError("no training questions left after validation; check the data, data.on_bad_record "
+                              "and data.overlong")
         for line in self.reports:
             log.info("data: %s", line)
         rank_zero_info(self.validation_summary())

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from forklight.errors import ConfigError, UserError
+
 
 @dataclass
 class Trace:
@@ -25,6 +27,7 @@ class Trace:
 
     text: str
     source: str | None = None  # teacher / strategy name; None when the data has none
+    location: str = field(default="", compare=False)  # row it was read from (flat: its own row), e.g. "train.jsonl:12"
 
 
 @dataclass
@@ -54,7 +57,7 @@ class FieldNames:
     source: str = "source"  # inside a trace object, or a column in the flat layout
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A bad input record: the message names the file, line (or row) and what to do.
 
     ``reason`` is a short key counted in the validation summary (e.g. ``malformed_json``).
@@ -150,7 +153,7 @@ def parse_record_rows(
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def _bad(loc: str, what: str, fix: str, reason: str = "bad_field") -> RecordError:
@@ -308,7 +311,7 @@ def _add_grouped(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRe
             raise _bad(loc, f"{f.traces}[{i}] must be a non-empty string or an object with a non-empty "
                        f"string '{f.text}', got {_show(item)}", "fix or remove this trace")
         source = item.get(f.source) if isinstance(item, dict) else None
-        traces.append(Trace(text, _source(loc, source, f"{f.traces}[{i}].{f.source}")))
+        traces.append(Trace(text, _source(loc, source, f"{f.traces}[{i}].{f.source}"), loc))
     qid = qid if qid is not None else loc
     if qid in groups:
         raise _bad(loc, f"duplicate id '{qid}' (first used at {groups[qid].location})",
@@ -337,7 +340,7 @@ def _add_flat(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRecor
     if not (isinstance(text, str) and text.strip()):
         raise _bad(loc, f"field '{f.trace}' must be a non-empty string, got {_show(text)}",
                    "fix the trace or remove the row")
-    trace = Trace(text, _source(loc, row.get(f.source), f"field '{f.source}'"))
+    trace = Trace(text, _source(loc, row.get(f.source), f"field '{f.source}'"), loc)
     if qid is not None:
         key: tuple[str, str] = ("id", qid)
     else:

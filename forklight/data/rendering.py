@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from forklight.data.records import QuestionRecord
+from forklight.errors import ConfigError
 
 IGNORE_INDEX = -100  # label of positions that get no loss (PyTorch/HF convention)
 TOY_TOKENIZER = "toy"  # name of the embedded character tokenizer of the toy task
@@ -30,12 +31,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     kwargs = {}
-    if name_or_path.endswith(".gguf"):
-        from forklight.models import check_gguf, model_source
+    try:
+        if name_or_path.endswith(".gguf"):
+            from forklight.models import check_gguf, model_source
 
-        check_gguf(name_or_path, None, key="tokenizer")
-        name_or_path, kwargs["gguf_file"] = model_source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+            check_gguf(name_or_path, None, key="tokenizer")
+            name_or_path, kwargs["gguf_file"] = model_source(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as error:  # not a local dir, not on the hub, or offline: the user's name, not a bug
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cannot load the tokenizer {name_or_path!r} ({reason}); check model.init_args.name_or_path "
+                          "(or model.init_args.tokenizer)") from error
     if tokenizer.pad_token_id is None:  # many causal LMs ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -56,7 +62,7 @@ def render_prompt_ids(
         text = record.prompt if record.prompt is not None else "\n".join(m["content"] for m in record.messages or [])
         return tokenizer(prompt_template.format(prompt=text), add_special_tokens=True)["input_ids"]
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise ConfigError(
             "the tokenizer has no chat template; set data.prompt_template (e.g. 'Question: {prompt}\\nAnswer: ')"
         )
     messages = list(record.messages) if record.messages else [{"role": "user", "content": record.prompt or ""}]
@@ -69,10 +75,10 @@ def end_of_turn_id(tokenizer, end_token: str | None = None) -> int:
     """Id of the token that ends an answer: ``end_token`` if given, else the tokenizer's EOS."""
     token = end_token if end_token is not None else tokenizer.eos_token
     if token is None:
-        raise ValueError("the tokenizer has no EOS token; set data.end_token to the end-of-turn token")
+        raise ConfigError("the tokenizer has no EOS token; set data.end_token to the end-of-turn token")
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"data.end_token {token!r} is not a single token of the tokenizer")
+        raise ConfigError(f"data.end_token {token!r} is not a single token of the tokenizer")
     return token_id
 
 
