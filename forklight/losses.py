@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from forklight.data.rendering import IGNORE_INDEX
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Next-token negative log-likelihood per position; 0 where the label is ignored.
 
     logits: [R, T, V] from the model on ``input_ids``; labels: [R, T] aligned with
-    ``input_ids`` (HF convention: the shift happens here). Returns [R, T-1].
+    ``input_ids`` (HF convention: the shift happens here). Returns [R, T-1]. ``temperature``:
+    of the distribution ``softmax(logits / temperature)`` (in float32), as sampling at that temperature.
     """
     shifted_logits = logits[:, :-1, :]  # [R, T-1, V] predicts position t+1
     shifted_labels = labels[:, 1:]  # [R, T-1]
+    flat_logits = shifted_logits.reshape(-1, shifted_logits.shape[-1]).float()  # [R*(T-1), V]
     nll = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]).float(),
+        flat_logits / temperature if temperature != 1.0 else flat_logits,
         shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
@@ -111,6 +115,43 @@ def data_parallel_token_mean(nll_sum: torch.Tensor, global_tokens: torch.Tensor,
     ``global_tokens``: supervised tokens of all ranks' batches; with one process this is ``sum / tokens``.
     """
     return nll_sum * world_size / global_tokens.clamp_min(1.0)
+
+
+# Gradient accumulation (``trainer.accumulate_grad_batches`` = K): the step's loss is the token mean over the
+# whole window, ``sum_{k, ranks} nll / sum_{k, ranks} tokens``, but the window's tokens are only known after its
+# last micro-batch. Each micro-batch therefore backpropagates its nll over a constant fixed when the window opens
+# (``reference_tokens``: the global tokens of its first micro-batch), and the summed gradients are multiplied by
+# :func:`accumulation_correction` before gradient clipping and the step: exact, with no look-ahead.
+@dataclass
+class TokenWindow:
+    """The micro-batches of one optimiser step so far; token counts are global (all data-parallel ranks)."""
+
+    reference_tokens: float  # supervised tokens of the first micro-batch: what every micro-batch is divided by
+    tokens: float = 0.0  # supervised tokens of the micro-batches that took a backward (skipped ones excluded)
+    weighted_loss: torch.Tensor | float = 0.0  # sum of micro-batch token mean x tokens: world_size x this rank's nll
+
+    def add(self, micro_batch_mean: torch.Tensor, micro_batch_tokens: float) -> torch.Tensor:
+        """Count one micro-batch; returns the window's token mean so far (this rank's part, as the micro-batch mean)."""
+        self.tokens += micro_batch_tokens
+        self.weighted_loss = self.weighted_loss + micro_batch_mean.detach() * micro_batch_tokens
+        return self.weighted_loss / max(self.tokens, 1.0)
+
+
+def window_token_mean_part(micro_batch_mean: torch.Tensor, micro_batch_tokens: float, reference_tokens: float,
+                           accumulate_grad_batches: int) -> torch.Tensor:
+    """This rank's micro-batch part of the window's token mean, up to :func:`accumulation_correction`.
+
+    ``micro_batch_mean``: :func:`data_parallel_token_mean` of the micro-batch, ``nll_sum * world_size / tokens``.
+    Returns ``nll_sum * world_size * K / reference_tokens``: DDP's mean over the ranks and Lightning's division
+    by K (``accumulate_grad_batches``, also applied to a short last window) leave ``nll_sum / reference_tokens``.
+    """
+    return micro_batch_mean * (max(micro_batch_tokens, 1.0) * accumulate_grad_batches / max(reference_tokens, 1.0))
+
+
+def accumulation_correction(reference_tokens: float, window_tokens: float) -> float:
+    """Factor of the accumulated gradients that turns ``sum nll / reference_tokens`` into the window's token
+    mean ``sum nll / window_tokens`` (both counts global: all ranks, all micro-batches of the step)."""
+    return max(reference_tokens, 1.0) / max(window_tokens, 1.0)
 
 
 # ---- RL (GFPO, GRPO): B questions, G samples per question, N fork tokens, L completion tokens ----
@@ -250,7 +291,10 @@ def grpo_loss(
     ``dapo`` sum over all tokens / all tokens; ``dr_grpo`` sum / (S * max_completion_length).
     Data parallel: pass ``global_count`` (:func:`grpo_normaliser` summed over the ranks) and
     ``world_size``; with the ranks' gradients averaged, R processes then train like one process
-    with all R batches (the default is this rank's own count).
+    with all R batches (the default is this rank's own count). The numerator is a sum over
+    sequences, so a chunk of the rows with the whole batch's ``global_count`` gives that chunk's
+    share: the chunks' losses (and gradients) add up to the batch's (micro-batched update).
+    Returns loss, kl and clip_frac (token means of the rows given) and their supervised tokens.
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"model.loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
@@ -265,4 +309,19 @@ def grpo_loss(
     count = global_count if global_count is not None else grpo_normaliser(mask, loss_type, max_completion_length)
     loss = local_sum * world_size / count.clamp_min(1.0)
     tokens = mask.sum().clamp_min(1.0)
-    return {"loss": loss, "kl": ((kl * mask).sum() / tokens).detach(), "clip_frac": ((clipped.float() * mask).sum() / tokens).detach()}
+    return {"loss": loss, "kl": ((kl * mask).sum() / tokens).detach(), "clip_frac": ((clipped.float() * mask).sum() / tokens).detach(),
+            "tokens": mask.sum().detach()}
+
+
+def merge_chunk_parts(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Loss parts of a batch from those of its row chunks (a micro-batched update): ``loss`` summed (each
+    chunk's loss is divided by the whole batch's denominator, :func:`grpo_loss` ``global_count``); the
+    token means (``kl``, ``clip_frac``) weighted by each chunk's ``tokens``. One chunk: its parts."""
+    if len(chunks) == 1:
+        return chunks[0]
+    tokens = torch.stack([chunk["tokens"] for chunk in chunks])  # [C]
+    weights = tokens / tokens.sum().clamp_min(1.0)  # [C]
+    merged = {"loss": torch.stack([chunk["loss"] for chunk in chunks]).sum(), "tokens": tokens.sum()}
+    for key in chunks[0].keys() - merged.keys():
+        merged[key] = (torch.stack([chunk[key] for chunk in chunks]) * weights).sum()
+    return merged

@@ -11,7 +11,7 @@ tokens, ``pi_theta(i | x) = softmax(logits[fork_ids])_i``. Each step, per questi
 2. generate a completion after each ``(x, g_k)`` and score it (rollouts only: never run
    forward with gradient);
 3. group advantages ``A_k = (r_k - mean r) / (std r + eps)``;
-4. one forward pass over the prompts with gradient, and the loss
+4. one forward pass over the prompts with gradient (no dropout, as for pi_old), and the loss
    ``-mean_k min(rho_k A_k, clip(rho_k, 1 +- eps) A_k) + beta KL(pi_theta || pi_ref) - c H(pi_theta)``
    (stratified: ``-sum_i pi_theta(i|x) (r_i - mean r)``), with the KL exact over the N tags and
    ``pi_ref`` the starting model's tag distribution, computed once per training question.
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from forklight.forking import fork_log_policy
 from forklight.losses import categorical_entropy, gfpo_loss, stratified_gfpo_loss
-from forklight.modules.rl import RLModule
+from forklight.modules.rl import RLModule, without_dropout
 
 TAG_SAMPLING = ("policy", "stratified")
 TRAINABLE = ("head", "all")
@@ -148,9 +148,10 @@ class GFPOModule(RLModule):
             context["ref"] = torch.stack([self.ref_log_policy[question] for question in batch.ids]).to(self.device)
         return context
 
-    def update_loss(self, context: dict, iteration: int) -> dict[str, torch.Tensor]:
+    def update_loss(self, context: dict, iteration: int, rows: slice | None = None) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        log_policy = fork_log_policy(self.model, context["prompts"], self.fork_token_ids, self.tokenizer.pad_token_id)  # [B, N]
+        with without_dropout(self.model):  # as pi_old (fork_policy_of, eval mode): the first ratio is exactly 1
+            log_policy = fork_log_policy(self.model, context["prompts"], self.fork_token_ids, self.tokenizer.pad_token_id)  # [B, N]
         if hp.tag_sampling == "stratified":
             num_tags = log_policy.shape[1]
             one_hot = torch.nn.functional.one_hot(context["tags"], num_tags).float()  # [B, G, N]

@@ -11,6 +11,14 @@ clipped token-level objective over all completion tokens with gradient (this ful
 backward over the completions is what GFPO avoids), plus an optional k3 KL to a frozen copy
 of the starting model. ``loss_type`` picks the normalisation: ``grpo`` (per-sequence token
 mean), ``dapo`` (all tokens of the batch), ``dr_grpo`` (a constant: G * max_completion_tokens).
+
+Token probabilities are those of the sampling distribution: ``softmax(logits / rollout_temperature)``,
+without dropout (as TRL; top-p truncation, ``rollout_top_p < 1``, is not renormalised in them, as in
+TRL). ``rollout_temperature: 0`` (greedy) is refused: greedy decoding has no token probabilities and
+gives every completion of a group the same tokens. ``update_micro_batch_rows`` runs the update (and
+the old/reference log-prob forwards) over chunks of rows, each chunk's loss divided by the whole
+batch's denominator: the same step as one backward over all B*G rows, in less memory (TRL's
+per-device batch with gradient accumulation; ``trainer.accumulate_grad_batches`` must stay 1).
 """
 
 from __future__ import annotations
@@ -19,20 +27,28 @@ import copy
 
 import torch
 
-from forklight.data.rendering import IGNORE_INDEX, assemble_rows
+from forklight.data.rendering import IGNORE_INDEX, Rows, assemble_rows
 from forklight.losses import GRPO_LOSS_TYPES, grpo_loss, grpo_normaliser, supervised_mask, token_nll
-from forklight.modules.rl import RLModule
+from forklight.modules.rl import RLModule, without_dropout
 
 
 class GRPOModule(RLModule):
-    def __init__(self, loss_type: str = "dapo", rollout_tag: int | None = None, **kwargs) -> None:
+    def __init__(self, loss_type: str = "dapo", rollout_tag: int | None = None,
+                 update_micro_batch_rows: int | None = None, **kwargs) -> None:
         """Token-level GRPO with a fixed tag.
 
         Args:
             loss_type: ``grpo``, ``dapo`` or ``dr_grpo`` (token normalisation; see the module docstring).
             rollout_tag: tag index (0-based) every rollout follows; default: the model's default tag.
+            update_micro_batch_rows: completions per forward/backward of the update (null = all B*G at once);
+                the chunks' gradients add up to the whole batch's, so the step is the same.
         """
         super().__init__(**kwargs)
+        if self.hparams.rollout_temperature <= 0:
+            raise ValueError(f"model.rollout_temperature must be > 0 for GRPO (its loss needs the probability of each "
+                             f"sampled token; 0 = greedy has none), got {self.hparams.rollout_temperature}")
+        if update_micro_batch_rows is not None and update_micro_batch_rows < 1:
+            raise ValueError(f"model.update_micro_batch_rows must be >= 1 or null, got {update_micro_batch_rows}")
         if loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"model.loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
         if rollout_tag is not None and not 0 <= rollout_tag < len(self.fork_token_ids):
@@ -51,10 +67,30 @@ class GRPOModule(RLModule):
             return None
         return self._reference[0].to(self.device)
 
-    def token_log_probs(self, model, rows) -> torch.Tensor:
-        """log pi(token) of every next token of ``rows`` [S, T-1] (0 on unsupervised positions)."""
-        logits = model(input_ids=rows.input_ids).logits  # [S, T, V]; right padding needs no mask
-        return -token_nll(logits, rows.labels)
+    def token_log_probs(self, model, rows: Rows) -> torch.Tensor:
+        """log pi(token) of every next token of ``rows`` [S, T-1] (0 on unsupervised positions): the
+        distribution the rollouts were sampled from, ``rollout_temperature`` and no dropout."""
+        with without_dropout(model):
+            logits = model(input_ids=rows.input_ids, use_cache=False).logits  # [S, T, V]; right padding needs no mask
+        return -token_nll(logits, rows.labels, self.hparams.rollout_temperature)
+
+    def update_row_chunks(self, context: dict) -> list[slice]:
+        return context["chunks"]
+
+    def row_chunks(self, num_rows: int) -> list[slice]:
+        """Chunks of ``update_micro_batch_rows`` rows. Data parallel: as many on every rank (a rank with
+        fewer rows gets empty chunks, which run one row with no loss), as FSDP's and DDP's collectives need."""
+        size = self.hparams.update_micro_batch_rows or num_rows
+        chunks = [slice(start, start + size) for start in range(0, num_rows, size)]
+        if self.hparams.update_micro_batch_rows is not None and self._trainer is not None and self.trainer.world_size > 1:
+            most = int(self.trainer.strategy.reduce(torch.tensor(len(chunks), device=self.device), reduce_op="max"))
+            chunks += [slice(0, 0)] * (most - len(chunks))
+        return chunks
+
+    def chunk_log_probs(self, model, rows: Rows, chunks: list[slice]) -> torch.Tensor:
+        """:meth:`token_log_probs` of all rows, one forward per chunk, [S, T-1] (no gradient)."""
+        parts = [self.token_log_probs(model, row_chunk(rows, forward_rows(chunk))) for chunk in chunks]  # empty ones too
+        return torch.cat([part for part, chunk in zip(parts, chunks) if chunk.start != chunk.stop])
 
     def prepare_update(self, batch, batch_idx: int) -> dict:
         hp = self.hparams
@@ -74,20 +110,37 @@ class GRPOModule(RLModule):
         context = {"rows": rows, "mask": mask, "old": None, "ref": None,
                    "advantages": self.advantages(rewards, valid).flatten().to(device),  # [S]
                    # the loss's denominator over every rank's batch (see losses.grpo_loss)
-                   "global_count": self.sum_over_ranks(grpo_normaliser(mask, hp.loss_type, hp.max_completion_tokens))}
+                   "global_count": self.sum_over_ranks(grpo_normaliser(mask, hp.loss_type, hp.max_completion_tokens)),
+                   "chunks": self.row_chunks(len(mask))}
         with torch.no_grad():
             if hp.num_iterations > 1:
-                context["old"] = self.token_log_probs(self.model, rows)
+                context["old"] = self.chunk_log_probs(self.model, rows, context["chunks"])
             if self.reference_model is not None:
-                context["ref"] = self.token_log_probs(self.reference_model, rows)
+                context["ref"] = self.chunk_log_probs(self.reference_model, rows, context["chunks"])
         return context
 
-    def update_loss(self, context: dict, iteration: int) -> dict[str, torch.Tensor]:
+    def update_loss(self, context: dict, iteration: int, rows: slice | None = None) -> dict[str, torch.Tensor]:
+        """The loss of ``rows`` (a chunk of :meth:`update_row_chunks`; None = all rows), divided by the
+        whole batch's ``global_count``. An empty chunk takes one row's passes with no loss."""
         hp = self.hparams
-        log_probs = self.token_log_probs(self.model, context["rows"])  # [S, T-1]
-        old = context["old"] if context["old"] is not None else log_probs.detach()
+        rows = rows if rows is not None else slice(0, context["mask"].shape[0])
+        weight = 0.0 if rows.start == rows.stop else 1.0
+        rows = forward_rows(rows)
+        log_probs = self.token_log_probs(self.model, row_chunk(context["rows"], rows))  # [s, T-1]
+        old = context["old"][rows] if context["old"] is not None else log_probs.detach()
+        ref = context["ref"][rows] if context["ref"] is not None else None
         return grpo_loss(
-            log_probs, old, context["ref"], context["advantages"], context["mask"], hp.loss_type,
+            log_probs, old, ref, context["advantages"][rows], context["mask"][rows] * weight, hp.loss_type,
             hp.clip_eps, hp.kl_coef, hp.max_completion_tokens,
             global_count=context["global_count"], world_size=self.trainer.world_size if self._trainer else 1,
         )
+
+
+def forward_rows(chunk: slice) -> slice:
+    """The rows a chunk runs: itself, or for an empty chunk (passes that only keep the ranks in step) row 0."""
+    return chunk if chunk.start != chunk.stop else slice(0, 1)
+
+
+def row_chunk(rows: Rows, chunk: slice) -> Rows:
+    """Rows ``chunk`` of ``rows``."""
+    return Rows(input_ids=rows.input_ids[chunk], attention_mask=rows.attention_mask[chunk], labels=rows.labels[chunk])

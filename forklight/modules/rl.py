@@ -4,19 +4,43 @@ Starting weights come from ``init_from`` (an SSFT checkpoint or an HF export; se
 :class:`~forklight.modules.base.ForkModule`). Shared here: group rollouts with a seeded sampler, rewards from the verifier, group advantages, rollout
 metrics, and the update loop: each training step generates once and then takes
 ``num_iterations`` optimiser steps on the same rollouts (manual optimisation; every
-optimiser step counts towards ``trainer.max_steps``).
+optimiser step counts towards ``trainer.max_steps``). Every policy forward of the update (old, new
+and reference probabilities) runs without dropout, like the rollouts (:func:`without_dropout`), so a
+ratio compares the policy that sampled with the one being trained. ``trainer.accumulate_grad_batches``
+must stay 1 (Lightning cannot accumulate a manual update); GRPO bounds its update's memory with
+``update_micro_batch_rows`` instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
 import torch
 
-from forklight.losses import group_advantages
+from forklight.losses import group_advantages, merge_chunk_parts
 from forklight.modules.base import ForkModule
 from forklight.rollout import RolloutGroup, rollout_groups
+
+
+@contextlib.contextmanager
+def without_dropout(model: torch.nn.Module):
+    """``model`` in eval mode (no dropout, as when sampling) for a policy forward, gradient included.
+
+    Like TRL's ``disable_dropout``, but for the forward only: old, new and reference probabilities then
+    come from the distribution the rollouts were sampled from (a ratio is exactly 1 before the first
+    update). Modules that gradient-checkpoint (``gradient_checkpointing`` set) keep their own
+    ``training`` flag, as Hugging Face recomputes only in training mode; their submodules are in eval mode.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    for module, training in modes:
+        module.training = training and getattr(module, "gradient_checkpointing", False) is True
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class RLModule(ForkModule):
@@ -39,7 +63,7 @@ class RLModule(ForkModule):
 
         Args:
             group_size: G, completions per question per step.
-            rollout_temperature: sampling temperature of the rollouts.
+            rollout_temperature: sampling temperature of the rollouts (0 = greedy; GRPO needs > 0).
             rollout_top_p: nucleus threshold of the rollouts.
             max_completion_tokens: longest rollout completion.
             num_iterations: optimiser steps taken on each batch of rollouts (>= 1; PPO-style reuse).
@@ -61,8 +85,29 @@ class RLModule(ForkModule):
             raise ValueError(f"model.clip_eps must be in (0, 1), got {clip_eps}")
         if kl_coef < 0:
             raise ValueError(f"model.kl_coef must be >= 0, got {kl_coef}")
+        if rollout_temperature < 0:
+            raise ValueError(f"model.rollout_temperature must be >= 0 (0 = greedy), got {rollout_temperature}")
         self.save_init_hyperparameters()
         self.automatic_optimization = False
+
+    def configure_callbacks(self) -> list:
+        """No callbacks of its own: the first hook that sees the trainer, before Lightning checks it, so a
+        trainer setting that manual optimisation cannot honour gets an error saying what to do instead."""
+        trainer = self.trainer
+        if trainer.state.fn != "fit":
+            return []
+        name = type(self).__name__
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}, but {name} optimises manually "
+                "(one optimiser step per batch of rollouts and iteration) and Lightning cannot accumulate its "
+                "gradients: set trainer.accumulate_grad_batches=1 and raise data.init_args.batch_size for a bigger "
+                "step; to bound the memory of GRPO's update, model.init_args.update_micro_batch_rows splits its "
+                "backward into chunks of rows that give the same step")
+        if trainer.gradient_clip_val:
+            raise ValueError(f"trainer.gradient_clip_val={trainer.gradient_clip_val}: {name} optimises manually "
+                             "and clips with model.init_args.max_grad_norm instead; unset trainer.gradient_clip_val")
+        return []
 
     # ---- rollouts and rewards --------------------------------------------------------------
     def rollouts(self, batch, tags: list[list[int]], batch_idx: int) -> list[RolloutGroup]:
@@ -108,9 +153,15 @@ class RLModule(ForkModule):
         self.log("rollout/skipped_frac", float((~valid).float().mean()), batch_size=size)
 
     # ---- the update loop ---------------------------------------------------------------------
-    def update_loss(self, context: dict, iteration: int) -> dict[str, torch.Tensor]:
-        """The method's loss on this step's rollouts (with gradient); ``context`` from ``prepare_update``."""
+    def update_loss(self, context: dict, iteration: int, rows: slice | None = None) -> dict[str, torch.Tensor]:
+        """The method's loss on this step's rollouts (with gradient); ``context`` from ``prepare_update``.
+        ``rows``: one chunk of :meth:`update_row_chunks` (None: all), its loss divided as the whole batch's."""
         raise NotImplementedError
+
+    def update_row_chunks(self, context: dict) -> list[slice | None]:
+        """Row chunks of the update, one backward each; their gradients add up to the whole batch's.
+        Default: one backward over everything."""
+        return [None]
 
     def prepare_update(self, batch, batch_idx: int) -> dict:
         """Generate and score this step's rollouts; return what ``update_loss`` needs."""
@@ -123,22 +174,28 @@ class RLModule(ForkModule):
         context = self.prepare_update(batch, batch_idx)
         generated = time.perf_counter()
         for iteration in range(hp.num_iterations):
-            parts = self.update_loss(context, iteration)
             optimizer.zero_grad(set_to_none=True)
-            skipped = self.skip_nonfinite(parts["loss"], batch, batch_idx)  # decided alike on every rank
-            if not skipped:  # skipped: no gradient, so no update
-                self.manual_backward(parts["loss"])
-                if hp.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            chunks, skipped = [], False
+            for rows in self.update_row_chunks(context):  # as many on every rank
+                chunk = self.update_loss(context, iteration, rows)
+                skipped = self.skip_nonfinite(chunk["loss"], batch, batch_idx)  # decided alike on every rank
+                if skipped:  # no update: drop what earlier chunks added
+                    optimizer.zero_grad(set_to_none=True)
+                    break
+                self.manual_backward(chunk["loss"])
+                chunks.append({key: value.detach() for key, value in chunk.items()})
+            if not skipped and hp.max_grad_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()  # the step counts towards max_steps either way, as with SSFT
             scheduler.step()
         updated = time.perf_counter()
         size = len(batch)
         if not skipped:  # all ranks or none: the mean over ranks (each has its own questions) is safe
-            self.log("train/loss", parts["loss"].detach(), prog_bar=True, batch_size=size, sync_dist=True)
+            parts = merge_chunk_parts(chunks)  # the last iteration's, over the whole batch
+            self.log("train/loss", parts["loss"], prog_bar=True, batch_size=size, sync_dist=True)
+            for key in ("kl", "clip_frac", "entropy"):
+                if key in parts:
+                    self.log(f"train/{key}", parts[key], batch_size=size)
         self.log("train/nonfinite_skipped", float(self.fault_counts["nonfinite_skipped"]), batch_size=size)
-        for key in ("kl", "clip_frac", "entropy"):
-            if key in parts:
-                self.log(f"train/{key}", parts[key], batch_size=size)
         self.log("perf/step_s/generate", generated - started, batch_size=size)
         self.log("perf/step_s/update", updated - generated, batch_size=size)

@@ -10,7 +10,8 @@ Per question with traces ``r_1..r_M`` and tags ``g_1..g_N`` (N >= M), each train
    of trace j after the prompt and tag i; all N*M rows of the batch in chunked forward passes;
 2. matching: ``sigma = argmin sum_j C[sigma(j), j]`` over injective maps (Hungarian algorithm);
 3. loss, with gradient: NTP loss of every trace after its matched tag, summed over tokens and
-   divided by the number of supervised tokens in the batch; unmatched tags get no loss.
+   divided by the number of supervised tokens in the batch (with ``trainer.accumulate_grad_batches``:
+   in all micro-batches of the optimiser step, :meth:`SSFTModule.training_step`); unmatched tags get no loss.
 
 Data parallel (``configs/strategies/``): each rank matches its own questions; the loss is divided
 by the supervised tokens of all ranks' batches, so R processes with batch b step as one with R*b.
@@ -34,7 +35,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from forklight.data.rendering import TraceSetBatch, assemble_rows
-from forklight.losses import data_parallel_token_mean, group_means, scored_token_nll, summed_nll
+from forklight.losses import (
+    TokenWindow,
+    accumulation_correction,
+    data_parallel_token_mean,
+    group_means,
+    scored_token_nll,
+    summed_nll,
+    window_token_mean_part,
+)
 from forklight.matching import MATCHING_MODES, assignment_cost, expected_random_cost, match_traces_to_tags
 from forklight.models import CacheReuse, output_cache, probe_cache_reuse
 from forklight.modules.base import ForkModule
@@ -216,11 +225,15 @@ class SSFTModule(ForkModule):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=MATCH_DTYPES[self.hparams.match_dtype])
 
-    def match(self, batch: TraceSetBatch) -> list[np.ndarray]:
-        """Tag index of every trace, per question (the assignment sigma)."""
+    def match(self, batch: TraceSetBatch, batch_idx: int = 0) -> list[np.ndarray]:
+        """Tag index of every trace, per question (the assignment sigma).
+
+        ``random`` seeds its generator with (seed, epoch, ``batch_idx``, rank): a fresh map for every
+        micro-batch (also those one optimiser step accumulates), and the same maps in a resumed run.
+        """
         mode = self.hparams.matching
         if mode != "hungarian":  # random, fixed and single need no cost: skip its forward passes
-            rng = np.random.default_rng((self.hparams.seed, self.global_step, self.global_rank))
+            rng = np.random.default_rng((self.hparams.seed, self.current_epoch, batch_idx, self.global_rank))
             shapes = [np.zeros((len(self.fork_token_ids), len(t))) for t in batch.trace_ids]  # [N, M_b]
             return [match_traces_to_tags(shape, mode, rng) for shape in shapes]
         costs = self.trace_tag_costs(batch)
@@ -254,26 +267,62 @@ class SSFTModule(ForkModule):
         world_size = self.trainer.world_size if self._trainer is not None else 1
         return data_parallel_token_mean(nll_sum, global_tokens, world_size), global_tokens
 
+    _token_window: TokenWindow | None = None  # the micro-batches of the optimiser step being accumulated
+
     def training_step(self, batch: TraceSetBatch, batch_idx: int) -> torch.Tensor | None:
+        """One micro-batch: match, then the loss to backpropagate (``None``: skipped, non-finite).
+
+        With ``trainer.accumulate_grad_batches`` K > 1 the step's loss is the token mean over all K
+        micro-batches of all ranks (one batch of K times the size steps the same): the returned loss is
+        divided by the first micro-batch's tokens and :meth:`on_before_optimizer_step` rescales the
+        summed gradients (:func:`~forklight.losses.window_token_mean_part`). ``train/loss`` is the token
+        mean NLL of the step's micro-batches so far, all ranks; at the step's last micro-batch (logged with
+        the step) that is the loss of the step.
+        """
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if batch_idx % accumulate == 0:  # Lightning zeroes the gradients here: a new window opens
+            self._token_window = None
         started = time.perf_counter()
-        assignments = self.match(batch)
+        assignments = self.match(batch, batch_idx)
         matched = time.perf_counter()
-        loss, num_tokens = self.matched_loss(batch, assignments)
+        loss, num_tokens = self.matched_loss(batch, assignments)  # this micro-batch's global token mean
         skipped = self.skip_nonfinite(loss, batch, batch_idx)  # raises under model.on_nonfinite=error
         self.log("train/nonfinite_skipped", float(self.fault_counts["nonfinite_skipped"]), batch_size=len(batch))
         if skipped:
-            return None  # Lightning then takes no backward and no update; the step still counts
+            return None  # Lightning then takes no backward (its tokens stay out of the window); the step still counts
+        tokens = float(num_tokens)  # global, so every rank's window holds the same counts
+        if self._token_window is None:
+            self._token_window = TokenWindow(reference_tokens=tokens)
+        window_loss = self._token_window.add(loss, tokens)  # this rank's part of the window's token mean
 
         usage = np.bincount(np.concatenate(assignments), minlength=len(self.fork_token_ids))  # [N], this rank
         usage = self.sum_over_ranks(torch.as_tensor(usage, device=self.device)).cpu().numpy()  # [N], global batch
         self.tag_coverage += torch.as_tensor(usage, dtype=self.tag_coverage.dtype, device=self.tag_coverage.device)
         self.last_assignments = [(sources, a.tolist()) for sources, a in zip(batch.sources, assignments)]
         size = len(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)  # mean over ranks: the global loss
+        self.log("train/loss", window_loss, prog_bar=True, batch_size=size, sync_dist=True)  # mean over ranks: global
         for tag, count in enumerate(usage):
             self.log(f"fork/usage/tag{tag + 1}", float(count / usage.sum()), batch_size=size)
         if self.last_match_cost_gap is not None:
             self.log("train/match_cost_gap", self.last_match_cost_gap, batch_size=size)
         self.log("perf/step_s/match", matched - started, batch_size=size)
         self.log("perf/supervised_tokens", num_tokens, batch_size=size, reduce_fx="sum")
-        return loss
+        return window_token_mean_part(loss, tokens, self._token_window.reference_tokens, accumulate)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Turn the accumulated gradients of ``sum nll / first micro-batch's tokens`` into those of the
+        step's token mean (:func:`~forklight.losses.accumulation_correction`; 1 without accumulation).
+
+        Lightning calls this after the step's last backward (and, under 16-bit AMP, after unscaling the
+        gradients) and before gradient clipping and ``optimizer.step``, on every rank alike; FSDP's
+        sharded gradients scale shard by shard.
+        """
+        window, self._token_window = self._token_window, None
+        if window is None:  # every micro-batch skipped: no gradients
+            return
+        correction = accumulation_correction(window.reference_tokens, window.tokens)
+        if correction != 1.0:
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    if parameter.grad is not None:
+                        parameter.grad.mul_(correction)
