@@ -52,3 +52,16 @@ def tiny_ssft(tmp_path):
         return module
 
     return make
+
+
+def tiny_export(tmp_path: Path, model_config: dict | None = None, name: str = "export") -> Path:
+    """A tiny fresh SSFT model (3 fork tokens) exported as forklight would, once per ``tmp_path/name``."""
+    from forklight.callbacks.export import export_pretrained
+    from forklight.modules.ssft import SSFTModule
+
+    directory = tmp_path / name
+    if not directory.exists():
+        module = SSFTModule(model_config=dict(model_config or TINY_MODEL_CONFIG), tokenizer="toy", num_fork_tokens=3)
+        module.configure_model()
+        export_pretrained(module, str(directory))
+    return directory

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from forklight.data.rendering import TraceSetBatch
 from forklight.rollout import Completion, RolloutGroup
-from tests.conftest import TINY_MODEL_CONFIG
+from tests.conftest import TINY_MODEL_CONFIG, tiny_export
 from tests.test_rl import _tiny_export
 from tests.test_ssft import toy_batch
 
@@ -258,15 +258,7 @@ DROPOUT_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "
 
 
 def _dropout_export(tmp_path):
-    from callbacks.export import export_pretrained
-    from forklight.modules.ssft import SSFTModule
-
-    directory = tmp_path / "dropout_export"
-    if not directory.exists():
-        module = SSFTModule(model_config=dict(DROPOUT_GPT2), tokenizer="toy", num_fork_tokens=3)
-        module.configure_model()
-        export_pretrained(module, str(directory))
-    return directory
+    return tiny_export(tmp_path, DROPOUT_GPT2, "dropout_export")
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -16,7 +16,7 @@ from forklight.losses import (
     stratified_gfpo_loss,
 )
 from forklight.rollout import Completion, RolloutGroup
-from tests.conftest import CONFIGS, TINY_MODEL_CONFIG, tiny_overrides
+from tests.conftest import CONFIGS, TINY_MODEL_CONFIG, tiny_export, tiny_overrides
 from tests.test_ssft import toy_batch
 
 
@@ -102,15 +102,7 @@ def _gfpo(tmp_path, **kwargs):
 
 def _tiny_export(tmp_path):
     """A tiny fresh SSFT model exported as forklight would (3 fork tokens)."""
-    from callbacks.export import export_pretrained
-    from forklight.modules.ssft import SSFTModule
-
-    directory = tmp_path / "export"
-    if not directory.exists():
-        module = SSFTModule(model_config=dict(TINY_MODEL_CONFIG), tokenizer="toy", num_fork_tokens=3)
-        module.configure_model()
-        export_pretrained(module, str(directory))
-    return directory
+    return tiny_export(tmp_path)
 
 
 def _fake_rollouts(texts_of_tag):

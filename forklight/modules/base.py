@@ -107,7 +107,7 @@ class ForkModule(L.LightningModule):
             eval_top_p: evaluation nucleus sampling threshold.
             max_new_tokens: longest evaluation completion.
             generation_batch_size: sequences per ``generate`` call.
-            pass_k: k of ``val/pass@k`` and ``val/cons@N`` (default: all samples of a question, N * n_per_tag).
+            pass_k: k of ``val/pass@k`` and ``val/cons@{k}`` (default: all samples of a question, N * n_per_tag).
             fork_policy: single-shot tag choice for ``val/pass@1``: ``learned`` (sample from the model's tag
                 distribution), ``argmax`` (its most likely tag), ``coverage`` (default tag), ``fixed``, ``uniform``.
             fixed_tag: tag index (0-based) used by ``fork_policy: fixed``.
