@@ -1,9 +1,9 @@
 """Model FLOP utilisation (MFU) of forklight SFT training against this machine's measured matmul rate.
 
-    python benchmarks/mfu.py --quick        # toy model only, small matmuls, few steps (~1 minute on 2 CPU cores)
-    python benchmarks/mfu.py                # toy GPT + ~110M Llama, fp32 and bf16-mixed (~3 minutes on 2 cores)
-    OMP_NUM_THREADS=1 python benchmarks/mfu.py --clock cpu    # on a CPU machine others are using too
-    python benchmarks/mfu.py --models llama-110m --questions 8 --steps 20     # e.g. on a GPU: bigger batches
+    python -m benchmarks.mfu --quick        # toy model only, small matmuls, few steps (~1 minute on 2 CPU cores)
+    python -m benchmarks.mfu                # toy GPT + ~110M Llama, fp32 and bf16-mixed (~3 minutes on 2 cores)
+    OMP_NUM_THREADS=1 python -m benchmarks.mfu --clock cpu    # on a CPU machine others are using too
+    python -m benchmarks.mfu --models llama-110m --questions 8 --steps 20     # e.g. on a GPU: bigger batches
 
 1. **Peak**: square ``torch.matmul`` of each ``--sizes`` (2*n^3 FLOPs), fp32 and bf16, one warm-up
    then ``--matmul-repeats`` calls each; a size's rate is its median, the dtype's peak the best
@@ -14,9 +14,9 @@
    matching passes, every FLOP is a training FLOP) under a Lightning ``Trainer(max_steps=...)``,
    in ``32-true`` and ``bf16-mixed`` (autocast over fp32 weights); per step, wall time from the end
    of the previous step (data, forward, backward, AdamW, loop), ``--warmup-steps`` excluded. Same
-   models and data as ``benchmarks/vs_trl.py``: the toy GPT on toy traces (4 questions x 4 traces a
-   step) and the ~110M Llama of ``benchmarks/ssft_overhead.py`` on random ``--trace-length``-token
-   traces (1 question x 4 traces a step).
+   models and data as ``benchmarks.vs_trl`` (``benchmarks/workloads.py``): the toy GPT on toy traces
+   (4 questions x 4 traces a step) and the ~110M Llama on random ``--trace-length``-token traces
+   (1 question x 4 traces a step).
 3. **Model FLOPs** of a row of T real tokens (prompt + tag + trace; padding not counted), PaLM's
    formula (Chowdhery et al. 2022, appendix B), forward + backward::
 
@@ -38,42 +38,29 @@ Prints a table and writes ``benchmarks/results/mfu.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vs_trl  # noqa: E402
-from vs_trl import MODELS, clock, model_spec, planned_rows, quiet, release, run_forklight_sft, sft_datamodule, sft_module  # noqa: E402
+from benchmarks.timing import CLOCKS, RESULTS, Clock, add_clock_argument, median_seconds, quiet, release, write_results
+from benchmarks.workloads import SFT_MODELS, model_spec, planned_rows, run_forklight_sft, sft_datamodule, sft_module
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def matmul_rate(size: int, dtype: torch.dtype, repeats: int, device: torch.device) -> float:
+def matmul_rate(size: int, dtype: torch.dtype, repeats: int, device: torch.device, clock: Clock) -> float:
     """Median FLOP/s of ``repeats`` square matmuls of ``size`` (after one warm-up call)."""
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, generator=generator, device=device).to(dtype)
     b = torch.randn(size, size, generator=generator, device=device).to(dtype)
-    times = []
     with torch.no_grad():
-        for _ in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = clock()
-            torch.matmul(a, b)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(clock() - started)
-    return 2 * size**3 / statistics.median(times[1:])
+        return 2 * size**3 / median_seconds(lambda: torch.matmul(a, b), repeats, clock)
 
 
-def measure_peaks(sizes: list[int], repeats: int, device: torch.device) -> dict:
+def measure_peaks(sizes: list[int], repeats: int, device: torch.device, clock: Clock) -> dict:
     peaks = {}
     for name, dtype in DTYPES.items():
-        rates = {size: matmul_rate(size, dtype, repeats, device) for size in sizes}
+        rates = {size: matmul_rate(size, dtype, repeats, device, clock) for size in sizes}
         peaks[name] = {"peak_flops": max(rates.values()), "by_size": rates}
         print(f"  matmul {name}: " + ", ".join(f"{size}^2 {rate / 1e12:.3g}" for size, rate in rates.items())
               + " TFLOP/s", flush=True)
@@ -98,7 +85,7 @@ def row_flops(tokens: int, counts: dict) -> float:
     return 6 * counts["matmul_parameters"] * tokens + 12 * counts["layers"] * counts["hidden"] * tokens**2
 
 
-def measure_training(name: str, precision: str, args, peaks: dict) -> dict:
+def measure_training(name: str, precision: str, args, peaks: dict, clock: Clock) -> dict:
     spec = model_spec(name, args.trace_length, args.questions)
     total = args.warmup_steps + args.steps
     datamodule = sft_datamodule(spec, total, seed=1)
@@ -116,7 +103,7 @@ def measure_training(name: str, precision: str, args, peaks: dict) -> dict:
     runs = []
     for _ in range(args.repeats):
         result = run_forklight_sft(spec, datamodule, args.steps, args.warmup_steps, precision == "bf16-mixed",
-                                   args.learning_rate)
+                                   args.learning_rate, clock)
         seconds = result["step_s_all"]
         achieved = sum(step_flops[args.warmup_steps :]) / sum(seconds)
         best = max(f / t for f, t in zip(step_flops[args.warmup_steps :], seconds))  # fastest step, by its FLOPs
@@ -137,7 +124,7 @@ def measure_training(name: str, precision: str, args, peaks: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(SFT_MODELS), choices=list(SFT_MODELS))
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="square matmul sizes for the peak")
     parser.add_argument("--matmul-repeats", type=int, default=5)
@@ -147,13 +134,13 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps at the start of every run")
     parser.add_argument("--repeats", type=int, default=1, help="training runs per (model, precision); median")
     parser.add_argument("--learning-rate", type=float, default=1e-5)
-    parser.add_argument("--clock", default="wall", choices=list(vs_trl.CLOCKS),
-                        help="wall time (default) or this process's CPU time, for the peak and the steps alike: on a "
-                             "shared CPU-only machine run with OMP_NUM_THREADS=1 and --clock cpu (meaningless on a GPU)")
-    parser.add_argument("--output", default="benchmarks/results/mfu.json", help="where the JSON goes")
+    add_clock_argument(parser, help="wall time (default) or this process's CPU time, for the peak and the steps "
+                                    "alike: on a shared CPU-only machine run with OMP_NUM_THREADS=1 and --clock cpu "
+                                    "(meaningless on a GPU)")
+    parser.add_argument("--output", default=f"{RESULTS}/mfu.json", help="where the JSON goes")
     parser.add_argument("--quick", action="store_true", help="toy only, 512/1024 matmuls, few steps (a smoke run)")
     args = parser.parse_args()
-    vs_trl._clock[0] = vs_trl.CLOCKS[args.clock]
+    clock = CLOCKS[args.clock]
     if args.quick:
         args.models, args.sizes, args.matmul_repeats, args.steps, args.warmup_steps = ["toy"], [512, 1024], 3, 3, 1
     quiet()
@@ -161,11 +148,11 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, threads={torch.get_num_threads()}"
     print(f"MFU of forklight SFT training (torch {torch.__version__}; {where}; {args.clock} clock)", flush=True)
-    peaks = measure_peaks(args.sizes, args.matmul_repeats, device)
+    peaks = measure_peaks(args.sizes, args.matmul_repeats, device, clock)
     rows = []
     for name in args.models:
         for precision in args.precisions:
-            rows.append(measure_training(name, precision, args, peaks))
+            rows.append(measure_training(name, precision, args, peaks, clock))
             row = rows[-1]
             print(f"  {name} {precision}: {row['step_s']:.4f} s/step, {row['achieved_flops'] / 1e12:.4g} TFLOP/s, "
                   f"MFU {row['mfu']:.1%}", flush=True)
@@ -179,11 +166,8 @@ def main() -> None:
     print("peak = best median square-matmul rate of the dtype (fp32 for 32-true, bf16 for bf16-mixed); MFU = model "
           "FLOPs of the timed steps / their seconds / peak; best step = the fastest step's; pad = padded share of the "
           "step's positions (computed, not counted); attn = attention's share of the model FLOPs")
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump({"device": where, "torch": torch.__version__, "clock": args.clock, "sizes": args.sizes, "peaks": peaks,
-                   "steps": args.steps, "warmup_steps": args.warmup_steps, "rows": rows}, handle, indent=2)
-    print(f"wrote {args.output}")
+    write_results(args.output, {"device": where, "torch": torch.__version__, "clock": args.clock, "sizes": args.sizes,
+                                "peaks": peaks, "steps": args.steps, "warmup_steps": args.warmup_steps, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """GFPO vs GRPO: the cost of one update on the same rollouts, and where a GFPO step's time goes.
 
-    python benchmarks/rl_update_cost.py                       # toy model (newest SSFT export, else fresh)
-    python benchmarks/rl_update_cost.py --init-from runs/ssft/version_0/export --questions 16 --group-size 12
+    python -m benchmarks.rl_update_cost                       # toy model (newest SSFT export, else fresh)
+    python -m benchmarks.rl_update_cost --init-from runs/ssft/version_0/export --questions 16 --group-size 12
 
 Generates one batch of rollouts (B questions x G completions) once, then times, side by side in
 this process, an optimiser step of each method on exactly those rollouts:
@@ -19,45 +19,24 @@ to ``benchmarks/results/rl_update_cost.json``.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
-import os
-import statistics
-import tempfile
 import time
 
 import torch
 
-TOY_MODEL = {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4, "n_inner": 512, "n_positions": 256,
-             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": False}
+from benchmarks.timing import RESULTS, median_seconds, write_results
+from benchmarks.workloads import starting_point
 
 
-def starting_point(init_from: str | None) -> str:
-    """An export to start from: the given one, the newest toy SSFT export, or a fresh toy model."""
-    if init_from:
-        return init_from
-    found = sorted(glob.glob("runs/ssft/version_*/export"))
-    if found:
-        return found[-1]
-    from forklight.callbacks.export import export_pretrained
-    from forklight.modules.ssft import SSFTModule
-
-    module = SSFTModule(model_config=TOY_MODEL, tokenizer="toy")
-    module.configure_model()
-    return export_pretrained(module, tempfile.mkdtemp(prefix="forklight-bench-"))
-
-
-def timed_update(module, context: dict, repeats: int) -> float:
-    """Median seconds of one optimiser step (loss, backward, step) on a fixed context."""
+def timed_update(module, update, repeats: int) -> float:
+    """Median seconds of one optimiser step (loss, backward, step) on fixed prepared rollouts (``prepare_update``)."""
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        started = time.perf_counter()
+
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        module.update_loss(context, 0)["loss"].backward()
+        module.update_loss(update, 0).loss.backward()
         optimizer.step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+
+    return median_seconds(step, repeats)
 
 
 def main() -> None:
@@ -78,7 +57,7 @@ def main() -> None:
 
     start = starting_point(args.init_from)
     common = {"init_from": start, "group_size": args.group_size, "max_completion_tokens": args.max_completion_tokens,
-              "num_fork_tokens": resolve_init_from(start)["identity"].get("num_fork_tokens", 6)}
+              "num_fork_tokens": resolve_init_from(start).identity.get("num_fork_tokens", 6)}
     gfpo = GFPOModule(**common, trainable="head")
     gfpo.configure_model()
     records = generate_toy_records(args.questions, seed=7)
@@ -91,24 +70,24 @@ def main() -> None:
 
     gfpo.log = lambda *a, **k: None  # no trainer here: metrics are not recorded
     started = time.perf_counter()
-    context = gfpo.prepare_update(batch, 0)  # generate + score (the part every RL method pays)
+    update = gfpo.prepare_update(batch, 0)  # generate + score (the part every RL method pays)
     generate_s = time.perf_counter() - started
-    groups = gfpo.rollouts(batch, context["tags"].tolist(), 0)  # the same rollouts, reused below
+    groups = gfpo.rollouts(batch, update.tags.tolist(), 0)  # the same rollouts, reused below
     rollout_tokens = sum(c.length for g in groups for c in g.completions)
 
-    results = {"GFPO update (trainable: head)": timed_update(gfpo, context, args.repeats)}
+    results = {"GFPO update (trainable: head)": timed_update(gfpo, update, args.repeats)}
     gfpo_all = GFPOModule(**common, trainable="all")
     gfpo_all.configure_model()
-    results["GFPO update (trainable: all)"] = timed_update(gfpo_all, context, args.repeats)
+    results["GFPO update (trainable: all)"] = timed_update(gfpo_all, update, args.repeats)
 
     grpo = GRPOModule(**common)
     grpo.configure_model()
     grpo.log = lambda *a, **k: None
     grpo.rollouts = lambda batch, tags, batch_idx: groups
     started = time.perf_counter()
-    grpo_context = grpo.prepare_update(batch, 0)  # rewards again + the B*G rows (no generation: rollouts reused)
+    grpo_update = grpo.prepare_update(batch, 0)  # rewards again + the B*G rows (no generation: rollouts reused)
     grpo_rows_s = time.perf_counter() - started
-    results["GRPO update (all completion tokens)"] = timed_update(grpo, grpo_context, args.repeats)
+    results["GRPO update (all completion tokens)"] = timed_update(grpo, grpo_update, args.repeats)
 
     grpo_s = results["GRPO update (all completion tokens)"]
     print(f"start: {start}; B={args.questions} questions x G={args.group_size} completions, "
@@ -124,15 +103,13 @@ def main() -> None:
               "grpo_prepare_s": grpo_rows_s,
               "grpo_generate_share": generate_s / (generate_s + grpo_rows_s + grpo_s),
               "gfpo_step_over_grpo_step": (generate_s + head_s) / (generate_s + grpo_rows_s + grpo_s)}
-    os.makedirs("benchmarks/results", exist_ok=True)
-    with open("benchmarks/results/rl_update_cost.json", "w") as handle:
-        json.dump(record, handle, indent=2)
     print(f"GFPO step: {generate_s / (generate_s + head_s):.1%} generating, {head_s / (generate_s + head_s):.1%} updating "
           f"(trainable: head); GFPO/GRPO update ratio {head_s / grpo_s:.3f} (target <= 0.1)")
     grpo_step_s = generate_s + grpo_rows_s + grpo_s
     print(f"GRPO step: {generate_s / grpo_step_s:.1%} generating, {(grpo_rows_s + grpo_s) / grpo_step_s:.1%} updating "
           f"(rows {grpo_rows_s:.4f} s + update {grpo_s:.4f} s); whole step GFPO/GRPO "
           f"{(generate_s + head_s) / grpo_step_s:.3f} on identical rollouts")
+    write_results(f"{RESULTS}/rl_update_cost.json", record)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Rollout throughput: forklight's batched engine vs one ``model.generate`` call per sample.
 
-    python benchmarks/rollout.py                      # toy model, fresh weights, B=2 questions
-    python benchmarks/rollout.py --questions 8 --group-sizes 4 8 16 32
+    python -m benchmarks.rollout                      # toy model, fresh weights, B=2 questions
+    python -m benchmarks.rollout --questions 8 --group-sizes 4 8 16 32
 
 For each group size G, builds the B*G prefixes (toy prompt + a fork tag, tags cycling) and samples
 ``--max-new-tokens`` tokens after each, twice, side by side in this process:
@@ -19,14 +19,12 @@ generated tokens/s and the ratio engine / per sample (target >= 4x at G = 8); wr
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import torch
 
-TOY_MODEL = {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4, "n_inner": 512, "n_positions": 256,
-             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": False}
+from benchmarks.timing import RESULTS, write_results
+from benchmarks.workloads import TOY_MODEL
 
 
 def timed_generation(module, prefixes: list[list[int]], max_new_tokens: int, batch_size: int) -> tuple[float, int]:
@@ -77,11 +75,9 @@ def main() -> None:
         rows.append(row)
         print(f"{group_size:3d} {len(prefixes):4d} {engine_tokens:7d} {engine_s:9.3f} {row['engine_tokens_per_s']:13.0f} "
               f"{single_s:13.3f} {row['per_sample_tokens_per_s']:17.0f} {row['ratio']:6.1f}", flush=True)
-    os.makedirs("benchmarks/results", exist_ok=True)
-    with open("benchmarks/results/rollout.json", "w") as handle:
-        json.dump({"questions": args.questions, "max_new_tokens": args.max_new_tokens,
-                   "threads": torch.get_num_threads(), "rows": rows}, handle, indent=2)
-    print("wrote benchmarks/results/rollout.json (ratio = engine tokens/s / per-sample tokens/s; target >= 4 at G = 8)")
+    write_results(f"{RESULTS}/rollout.json", {"questions": args.questions, "max_new_tokens": args.max_new_tokens,
+                                              "threads": torch.get_num_threads(), "rows": rows},
+                  note=" (ratio = engine tokens/s / per-sample tokens/s; target >= 4 at G = 8)")
 
 
 if __name__ == "__main__":

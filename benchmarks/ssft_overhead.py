@@ -1,9 +1,9 @@
 """SSFT vs plain SFT: the time and peak memory of one training step on the same traces.
 
-    python benchmarks/ssft_overhead.py            # quick grid (a few minutes on 2 CPU cores)
-    python benchmarks/ssft_overhead.py --full     # every (N, M, match_prefix_tokens) for both model sizes
-    python benchmarks/ssft_overhead.py --models llama-110m --prompt-length 96 --variants no-share bf16
-    python benchmarks/ssft_overhead.py --agreement runs/ssft/version_0/checkpoints/last.ckpt   # bf16 vs fp32 matching
+    python -m benchmarks.ssft_overhead            # quick grid (a few minutes on 2 CPU cores)
+    python -m benchmarks.ssft_overhead --full     # every (N, M, match_prefix_tokens) for both model sizes
+    python -m benchmarks.ssft_overhead --models llama-110m --prompt-length 96 --variants no-share bf16
+    python -m benchmarks.ssft_overhead --agreement runs/ssft/version_0/checkpoints/last.ckpt   # bf16 vs fp32 matching
 
 One SSFT step is ``SSFTModule.match`` (the N*M no-grad cost forwards of ``trace_tag_costs`` and
 the Hungarian matching) + ``matched_loss`` forward/backward + an AdamW step. The SFT step is the
@@ -41,18 +41,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-TOY_MODEL = {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4, "n_inner": 512, "n_positions": 256,
-             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": False}
-LLAMA_110M = {"model_type": "llama", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-              "num_key_value_heads": 12, "intermediate_size": 2048, "vocab_size": 32000,
-              "max_position_embeddings": 1024, "tie_word_embeddings": True}
+from benchmarks.timing import RESULTS, write_results
+from benchmarks.workloads import LLAMA_110M, TOY_MODEL
+
 MODELS = {"toy": {"model_config": TOY_MODEL, "questions": 4, "trace_length": 200},
           "llama-110m": {"model_config": LLAMA_110M, "questions": 1, "trace_length": 512}}
 # SSFT variants: SSFTModule options of their cost-matrix forwards ("ssft" = the defaults).
@@ -198,8 +196,10 @@ def agreement(checkpoint: str, questions: int, prefixes: list[int | None]) -> li
 
 
 def run_in_subprocess(spec: dict) -> dict:
-    output = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], check=True,
-                            capture_output=True, text=True).stdout
+    """:func:`worker` on ``spec`` in a fresh ``python -m benchmarks.ssft_overhead --worker`` process."""
+    command = [sys.executable, "-m", "benchmarks.ssft_overhead", "--worker", json.dumps(spec)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout  # the repository root
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -243,10 +243,7 @@ def main() -> None:
         return
     if args.agreement is not None:
         rows = agreement(args.agreement, args.agreement_questions, [1, 2, 16, None])
-        os.makedirs("benchmarks/results", exist_ok=True)
-        with open("benchmarks/results/ssft_match_dtype_agreement.json", "w") as handle:
-            json.dump({"checkpoint": args.agreement, "rows": rows}, handle, indent=2)
-        print("wrote benchmarks/results/ssft_match_dtype_agreement.json")
+        write_results(f"{RESULTS}/ssft_match_dtype_agreement.json", {"checkpoint": args.agreement, "rows": rows})
         return
 
     rows = []
@@ -284,14 +281,11 @@ def main() -> None:
     print(f"seconds: fastest of the timed steps; B questions per step: toy {MODELS['toy']['questions']}, llama-110m {MODELS['llama-110m']['questions']}; "
           f"prompt: the longest prompt's tokens; torch threads {rows[0]['threads']}; parameters: " +
           ", ".join(sorted({f"{r['model']} {r['parameters'] / 1e6:.1f}M" for r in rows})))
-    os.makedirs("benchmarks/results", exist_ok=True)
     suffix = "" if set(args.models) == set(MODELS) else "_" + "_".join(args.models)
     suffix += f"_prompt{args.prompt_length}" if args.prompt_length else ""
-    path = f"benchmarks/results/ssft_overhead{suffix}.json"
-    with open(path, "w") as handle:
-        json.dump({"full": args.full, "models": args.models, "prompt_length": args.prompt_length,
-                   "variants": args.variants, "rows": rows}, handle, indent=2)
-    print(f"wrote {path}")
+    write_results(f"{RESULTS}/ssft_overhead{suffix}.json", {"full": args.full, "models": args.models,
+                                                            "prompt_length": args.prompt_length,
+                                                            "variants": args.variants, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def export_pretrained(pl_module, directory: str, state_dict: dict | None = None)
 
 class HFExport(L.Callback):
     def __init__(self, dirpath: str | None = None) -> None:
-        """Export a ``transformers``-loadable model when ``fit`` ends.
+        """Export a ``transformers``-loadable model when ``fit`` ends (not after ``fast_dev_run``,
+        which writes no run artefacts).
 
         Args:
             dirpath: where to write; default ``<run dir>/export`` (the logger's version dir).
@@ -71,6 +72,8 @@ class HFExport(L.Callback):
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            return
         directory = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "export")
         state_dict = full_state_dict(trainer, pl_module)  # sharded: a collective, on every rank
         if trainer.is_global_zero:

@@ -12,8 +12,9 @@ SSFT (modules with ``last_assignments``), every ``every_n_steps`` steps (or ever
   ``probe_questions`` validation questions, recomputed at each interval (colour: low cost =
   dark, per image; text: mean NLL; framed: the Hungarian matching of that ``C``).
 
-GFPO (modules with ``hparams.tag_sampling``), at the end of every validation, from the tag
-distribution ``pi(i | x)`` of each validation question (``last_evaluation[q].policy``):
+GFPO (modules whose ``learns_tag_policy`` is true, or ``policy_views: true``), at the end of every
+validation, from the tag distribution ``pi(i | x)`` of each validation question
+(``last_evaluation[q].policy``):
 
 - ``fork/policy_hist`` (histogram): the most likely tag (1-based) of each question;
 - ``fork/policy_entropy_val`` (scalar): mean over questions of the entropy of ``pi(. | x)``.
@@ -64,7 +65,7 @@ class SpecializationMonitor(L.Callback):
                 last, partial window is logged when training ends.
             probe_questions: validation questions whose cost matrix is drawn (0 = none).
             policy_views: log ``fork/policy_hist`` and ``fork/policy_entropy_val`` at validation end;
-                default: for modules with a ``tag_sampling`` hyperparameter (GFPO).
+                default (null): for modules that train their tag policy (``learns_tag_policy``: GFPO).
         """
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"SpecializationMonitor.every_n_steps must be >= 1 or null, got {every_n_steps}")
@@ -169,7 +170,7 @@ class SpecializationMonitor(L.Callback):
 
     # ---- tag policy (GFPO) -------------------------------------------------------------------
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        wanted = self.policy_views if self.policy_views is not None else "tag_sampling" in getattr(pl_module, "hparams", {})
+        wanted = self.policy_views if self.policy_views is not None else getattr(pl_module, "learns_tag_policy", False)
         evaluations = getattr(pl_module, "last_evaluation", None)
         if trainer.sanity_checking or not wanted or not evaluations or not all(e.policy for e in evaluations):
             return

@@ -1,17 +1,18 @@
 """``EvaluationViews``: per-tag pictures and samples of every validation, in TensorBoard.
 
 At the end of each validation (not the sanity check), from ``pl_module.last_evaluation`` (one
-:class:`~forklight.evaluation.QuestionEvaluation` per question, samples indexed [tag][sample]):
+:class:`~forklight.evaluation.QuestionEvaluation` per question, samples indexed [tag][sample]) and
+the metrics the evaluation logged (``val/tag{i}/pass@1``, ``val/tag{i}/len``):
 
-- ``views/tag_pass_len`` (image): per tag, pass@1 and mean completion length side by side (the
-  length bar is scaled by ``max_new_tokens``: a full bar means answers run into the limit);
+- ``views/tag_pass_len`` (image): per tag, the logged pass@1 and mean completion length side by
+  side (the length bar is scaled by ``max_new_tokens``: a full bar means answers run into the limit);
 - ``views/tag{i}/len`` (histogram): completion lengths of tag i (1-based);
 - ``samples/tag{i}`` (text): a markdown table of tag i's completions on the same few validation
   questions every time (the first ``sample_questions`` of the first validation): question id,
   gold answer, completion, strategy (when a classifier is set) and score.
 
 Specialised tags differ in length and strategy on the same question; collapsed tags write the
-same completion. Rank zero only; it reads what the module already evaluated and computes nothing.
+same completion. Rank zero only; it reads what the module already evaluated and logged, and computes nothing.
 """
 
 from __future__ import annotations
@@ -67,12 +68,11 @@ class EvaluationViews(L.Callback):
         step = trainer.global_step
         num_tags = len(evaluations[0].scores)
         names = [f"tag{tag + 1}" for tag in range(num_tags)]
-        pass_at_1, mean_length, lengths = [], [], []
-        for tag in range(num_tags):
-            scored = [s for e in evaluations for s in e.scores[tag] if s is not None]
-            pass_at_1.append(float(np.mean(scored)) if scored else 0.0)
-            lengths.append(np.array([length for e in evaluations for length in e.lengths[tag]], dtype=np.float64))
-            mean_length.append(float(lengths[-1].mean()) if lengths[-1].size else 0.0)
+        logged = trainer.callback_metrics  # this validation's metrics (forklight.evaluation.evaluation_metrics)
+        pass_at_1 = [float(logged[f"val/{name}/pass@1"]) for name in names]
+        mean_length = [float(logged[f"val/{name}/len"]) for name in names]
+        lengths = [np.array([length for e in evaluations for length in e.lengths[tag]], dtype=np.float64)
+                   for tag in range(num_tags)]  # [N] arrays of every completion's length, for the histograms
         length_scale = float(pl_module.hparams.get("max_new_tokens") or max(mean_length + [1.0]))
         chart = grouped_bars(
             names,

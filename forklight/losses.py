@@ -34,29 +34,6 @@ def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).float()
 
 
-def grouped_mean_nll(
-    logits: torch.Tensor,
-    rows: torch.Tensor,
-    positions: torch.Tensor,
-    targets: torch.Tensor,
-    groups: torch.Tensor,
-    num_groups: int,
-) -> torch.Tensor:
-    """Mean NLL per group of scored tokens, [num_groups] (the SSFT matching cost C[i, j]).
-
-    logits: [R, T, V]; token k is ``targets[k]`` predicted at ``logits[rows[k], positions[k]]``
-    and belongs to group ``groups[k]`` (one group per tag-trace pair); all index tensors [K].
-    """
-    device = logits.device
-    nll = F.cross_entropy(
-        logits[rows.to(device), positions.to(device)].float(), targets.to(device), reduction="none"
-    )  # [K]
-    groups = groups.to(device)
-    sums = torch.zeros(num_groups, device=device).index_add_(0, groups, nll)  # [G]
-    counts = torch.bincount(groups, minlength=num_groups).clamp_min(1)  # [G]
-    return sums / counts
-
-
 def scored_token_nll(
     logits: torch.Tensor,
     rows: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model and toy data that shrink the shipped configs for fast CPU tests."""
+"""Shared fixtures and helpers: a tiny model and toy data that shrink the shipped configs for fast CPU
+tests, fake rollouts, data rows, and the oracle of the matching cost. Test files import them from here."""
 
 from __future__ import annotations
 
@@ -65,3 +66,73 @@ def tiny_export(tmp_path: Path, model_config: dict | None = None, name: str = "e
         module.configure_model()
         export_pretrained(module, str(directory))
     return directory
+
+
+def toy_batch(num_questions: int = 2):
+    """The first training batch (a TraceSetBatch) of the toy task: ``num_questions`` questions, their traces."""
+    from forklight.data.datamodule import ForkDataModule, ToyTask
+
+    data = ForkDataModule(toy=ToyTask(num_train=16, num_val=1, num_test=1), batch_size=num_questions)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def tiny_gfpo(tmp_path: Path, **kwargs):
+    """A GFPOModule on :func:`tiny_export` (3 fork tokens), G = 6 completions of at most 4 tokens."""
+    from forklight.modules.gfpo import GFPOModule
+
+    module = GFPOModule(init_from=str(tiny_export(tmp_path)), num_fork_tokens=3, group_size=6, max_completion_tokens=4,
+                        **kwargs)
+    module.configure_model()
+    return module
+
+
+def fake_rollouts(texts_of_tag):
+    """A replacement for an RL module's ``rollouts``: tag t's completion is ``texts_of_tag(t)``
+    (t + 1 tokens of id 7, then stop token 5), no generation."""
+    from forklight.rollout import Completion, RolloutGroup
+
+    def rollouts(batch, tags, batch_idx):
+        return [
+            RolloutGroup(qid, prompt.tolist(), group,
+                         [Completion(token_ids=[7] * (t + 1), text=texts_of_tag(t), length=t + 2, truncated=False,
+                                     stop_token=5) for t in group])
+            for qid, prompt, group in zip(batch.ids, batch.prompt_ids, tags)
+        ]
+
+    return rollouts
+
+
+GROUPED_ROW = {"id": "q0", "prompt": "1+1?", "answer": "2", "traces": ["one plus one is 2"]}
+
+
+def grouped_row(**changes) -> dict:
+    """A grouped data row (id ``q1``) with some fields changed (value None removes the field)."""
+    row = {**GROUPED_ROW, "id": "q1", **changes}
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    """Write rows (dicts, raw str lines or raw bytes lines) one per line; return the path."""
+
+    def line(row) -> bytes:
+        return row if isinstance(row, bytes) else (row if isinstance(row, str) else json.dumps(row)).encode()
+
+    path.write_bytes(b"\n".join(line(row) for row in rows) + b"\n")
+    return str(path)
+
+
+def grouped_mean_nll(logits, rows, positions, targets, groups, num_groups: int):
+    """Oracle of the SSFT matching cost C[i, j]: mean NLL per group of scored tokens, [num_groups],
+    by plain ``cross_entropy`` over a [K, V] copy of the scored logits (what ``scored_token_nll`` avoids).
+
+    logits: [R, T, V]; token k is ``targets[k]`` predicted at ``logits[rows[k], positions[k]]`` and
+    belongs to group ``groups[k]`` (one group per tag-trace pair); all index tensors [K].
+    """
+    import torch
+    import torch.nn.functional as F
+
+    nll = F.cross_entropy(logits[rows, positions].float(), targets, reduction="none")  # [K]
+    sums = torch.zeros(num_groups).index_add_(0, groups, nll)  # [G]
+    counts = torch.bincount(groups, minlength=num_groups).clamp_min(1)  # [G]
+    return sums / counts

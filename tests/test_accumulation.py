@@ -16,9 +16,7 @@ from torch.utils.data import DataLoader
 
 from forklight.data.rendering import TraceSetBatch
 from forklight.rollout import Completion, RolloutGroup
-from tests.conftest import TINY_MODEL_CONFIG, tiny_export
-from tests.test_rl import _tiny_export
-from tests.test_ssft import toy_batch
+from tests.conftest import TINY_MODEL_CONFIG, fake_rollouts, tiny_export, toy_batch
 
 GRADIENT_TOLERANCE = 1e-6
 
@@ -194,7 +192,7 @@ def _varied_rollouts(batch, tags, batch_idx):
 def _grpo(tmp_path, **kwargs):
     from forklight.modules.grpo import GRPOModule
 
-    module = GRPOModule(init_from=str(_tiny_export(tmp_path)), num_fork_tokens=3, group_size=4, max_completion_tokens=8,
+    module = GRPOModule(init_from=str(tiny_export(tmp_path)), num_fork_tokens=3, group_size=4, max_completion_tokens=8,
                         max_grad_norm=None, **kwargs)
     module.rollouts = _varied_rollouts
     module.verifier = lambda texts, answers, **_: [float(int(text.split()[1]) % 3 == 0) for text in texts]
@@ -226,7 +224,7 @@ def test_grpo_micro_batched_update_equals_one_backward_over_the_batch(tmp_path, 
 def test_accumulate_grad_batches_with_manual_optimisation_names_the_key_and_the_option(tmp_path, method):
     from forklight.modules.gfpo import GFPOModule
 
-    module = _grpo(tmp_path) if method == "grpo" else GFPOModule(init_from=str(_tiny_export(tmp_path)), num_fork_tokens=3)
+    module = _grpo(tmp_path) if method == "grpo" else GFPOModule(init_from=str(tiny_export(tmp_path)), num_fork_tokens=3)
     with pytest.raises(ValueError, match=r"trainer.accumulate_grad_batches=2.*update_micro_batch_rows"):
         _trainer(1, accumulate_grad_batches=2).fit(module, _loader([toy_batch(2)]))
     with pytest.raises(ValueError, match="model.update_micro_batch_rows must be >= 1"):
@@ -298,13 +296,12 @@ def test_without_dropout_turns_dropout_off_and_keeps_gradient_checkpointing(chec
 @pytest.mark.parametrize("trainable", ["head", "all"])
 def test_gfpo_first_iteration_ratio_is_one_with_a_dropout_model(tmp_path, monkeypatch, trainable):
     import forklight.modules.gfpo as gfpo
-    from tests.test_rl import _fake_rollouts
 
     module = gfpo.GFPOModule(init_from=str(_dropout_export(tmp_path)), num_fork_tokens=3, group_size=6,
                              max_completion_tokens=4, trainable=trainable)
     module.configure_model()
     assert module.model.training and any(m.p > 0 for m in module.model.modules() if isinstance(m, torch.nn.Dropout))
-    module.rollouts = _fake_rollouts(lambda tag: f"so {100 + tag}")
+    module.rollouts = fake_rollouts(lambda tag: f"so {100 + tag}")
     module.verifier = lambda texts, answers, **_: [float(text == "so 101") for text in texts]
     new = []
     real = gfpo.fork_log_policy

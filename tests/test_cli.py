@@ -83,8 +83,15 @@ print("EXPORT_OK")
     assert "EXPORT_OK" in result.stdout, result.stderr[-2000:]
 
 
-def test_fast_dev_run_smoke(tmp_path):
-    main(["fit", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), "--trainer.fast_dev_run=1"])
+def test_fast_dev_run_takes_one_step_and_writes_no_run(tmp_path):
+    cli = build_cli(["fit", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), "--trainer.fast_dev_run=1"])
+    assert cli.trainer.global_step == 1  # one optimiser step, not skipped
+    logged = cli.trainer.logged_metrics
+    assert logged["train/nonfinite_skipped"] == 0 and 0 < logged["train/loss"] < 20  # a finite token-mean NLL
+    assert "val/pass@1" in logged  # one validation batch ran too
+    assert not (tmp_path / "ssft").exists()  # no logger run directory (TensorBoard, config.yaml)
+    assert not (tmp_path / "export").exists()  # HFExport skips fast_dev_run
+
 
 
 def test_bad_config_value_fails_with_the_key(tmp_path):

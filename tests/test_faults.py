@@ -21,10 +21,18 @@ from forklight.cli import main
 from forklight.data.datamodule import ForkDataModule, ToyTask
 from forklight.data.records import RecordError
 from forklight.data.rendering import load_tokenizer
-from tests.conftest import CONFIGS, REPO, TINY_MODEL_CONFIG, tiny_overrides
-from tests.test_records import g, write_jsonl
-from tests.test_rl import _fake_rollouts, _gfpo, _tiny_export
-from tests.test_ssft import toy_batch
+from tests.conftest import (
+    CONFIGS,
+    REPO,
+    TINY_MODEL_CONFIG,
+    fake_rollouts,
+    grouped_row,
+    tiny_export,
+    tiny_gfpo,
+    tiny_overrides,
+    toy_batch,
+    write_jsonl,
+)
 
 GOOD = {"id": "q0", "prompt": "12+30", "answer": "42", "traces": ["so 42", "40+2 = 42"]}
 FLAT_GOOD = {"id": "q0", "prompt": "12+30", "answer": "42", "trace": "so 42"}
@@ -42,27 +50,29 @@ def _ssft_module():
 BAD_INPUTS = [
     ("malformed-json", "train", [GOOD, '{"id": "q1", "prompt": '], {}, 2, "malformed JSON", "malformed_json"),
     ("not-utf8", "train", [GOOD, b'{"id": "q1", "prompt": "caf\xe9"}'], {}, 2, "not valid UTF-8 (byte 0xe9", "not_utf8"),
-    ("missing-field", "train", [GOOD, g(prompt=None)], {}, 2, "neither 'prompt' nor 'messages'", "missing_field"),
-    ("empty-field", "train", [GOOD, g(prompt="  ")], {}, 2, "'prompt' must be a non-empty string", "bad_field"),
-    ("wrong-type", "train", [GOOD, g(traces=["so 2", 3])], {}, 2, "traces[1] must be a non-empty string", "bad_field"),
-    ("empty-trace-list", "train", [GOOD, g(traces=[])], {}, 2, "field 'traces' is an empty list", "empty_traces"),
-    ("duplicate-id", "train", [GOOD, g(id="q0", prompt="1+1")], {}, 2, "duplicate id 'q0' (first used at", "duplicate_id"),
+    ("missing-field", "train", [GOOD, grouped_row(prompt=None)], {}, 2, "neither 'prompt' nor 'messages'", "missing_field"),
+    ("empty-field", "train", [GOOD, grouped_row(prompt="  ")], {}, 2, "'prompt' must be a non-empty string", "bad_field"),
+    ("wrong-type", "train", [GOOD, grouped_row(traces=["so 2", 3])], {}, 2, "traces[1] must be a non-empty string",
+     "bad_field"),
+    ("empty-trace-list", "train", [GOOD, grouped_row(traces=[])], {}, 2, "field 'traces' is an empty list", "empty_traces"),
+    ("duplicate-id", "train", [GOOD, grouped_row(id="q0", prompt="1+1")], {}, 2, "duplicate id 'q0' (first used at",
+     "duplicate_id"),
     ("conflicting-duplicate", "train", [FLAT_GOOD, {**FLAT_GOOD, "prompt": "2+2"}], {}, 2,
      "question 'q0' conflicts with", "conflicting_duplicate"),
-    ("too-few-traces", "train", [GOOD, g(traces=["so 2"])], {"min_traces": 2}, 2,
+    ("too-few-traces", "train", [GOOD, grouped_row(traces=["so 2"])], {"min_traces": 2}, 2,
      "question has 1 traces, fewer than data.min_traces=2", "too_few_traces"),
-    ("prompt-too-long", "train", [GOOD, g(prompt="1+" * 40 + "1")], {"max_length": 48}, 2,
+    ("prompt-too-long", "train", [GOOD, grouped_row(prompt="1+" * 40 + "1")], {"max_length": 48}, 2,
      "leaving no room for a trace within data.max_length=48", "prompt_too_long"),
-    ("unparseable-answer", "val", [GOOD, g(answer="forty-two")], {}, 2,
+    ("unparseable-answer", "val", [GOOD, grouped_row(answer="forty-two")], {}, 2,
      "question 'q1' (val split) has a gold answer 'forty-two' that model.verifier cannot parse", "unparseable_answer"),
-    ("missing-answer", "val", [GOOD, g(answer=None)], {}, 2, "question 'q1' (val split) has no gold answer",
+    ("missing-answer", "val", [GOOD, grouped_row(answer=None)], {}, 2, "question 'q1' (val split) has no gold answer",
      "missing_answer"),
 ]
 
 
 def _setup(tmp_path: Path, split: str, rows: list, on_bad_record: str, **options) -> ForkDataModule:
     """Write the rows as ``split``'s file, then run the datamodule's and the module's setup validation."""
-    paths = {"train": write_jsonl(tmp_path / "train.jsonl", [GOOD, g(id="q5")])}
+    paths = {"train": write_jsonl(tmp_path / "train.jsonl", [GOOD, grouped_row(id="q5")])}
     paths[split] = write_jsonl(tmp_path / f"{split}.jsonl", rows)
     data = ForkDataModule(train=paths["train"], val=paths.get("val"), tokenizer="toy", num_fork_tokens=3,
                           on_bad_record=on_bad_record, **options)
@@ -137,8 +147,8 @@ def _raise(texts, answers, **columns):
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 @pytest.mark.parametrize(("verifier", "counter"), [(_hang, "reward_timeouts"), (_raise, "reward_errors")])
 def test_a_verifier_that_hangs_or_raises_scores_zero_and_is_counted(tmp_path, verifier, counter):
-    module = _gfpo(tmp_path, reward_timeout_s=0.5, max_new_tokens=3)
-    module.rollouts = _fake_rollouts(lambda tag: f"so {100 + tag}")
+    module = tiny_gfpo(tmp_path, reward_timeout_s=0.5, max_new_tokens=3)
+    module.rollouts = fake_rollouts(lambda tag: f"so {100 + tag}")
     module.verifier = verifier
     batch = toy_batch(2)
     started = time.perf_counter()
@@ -202,8 +212,8 @@ class _Poison(L.Callback):
 def _nonfinite_module(kind: str, tmp_path: Path, on_nonfinite: str):
     if kind == "ssft":
         return _module(on_nonfinite=on_nonfinite), "matched_loss"
-    module = _gfpo(tmp_path, on_nonfinite=on_nonfinite)
-    module.rollouts = _fake_rollouts(lambda tag: f"so {100 + tag}")
+    module = tiny_gfpo(tmp_path, on_nonfinite=on_nonfinite)
+    module.rollouts = fake_rollouts(lambda tag: f"so {100 + tag}")
     module.verifier = lambda texts, answers, **_: [1.0 if text == "so 101" else 0.0 for text in texts]
     return module, "update_loss"
 
@@ -345,7 +355,7 @@ def test_ssft_killed_mid_epoch_resumes_with_the_same_losses(tmp_path):
 
 @pytest.mark.slow
 def test_gfpo_killed_mid_epoch_resumes_with_the_same_losses(tmp_path):
-    export = _tiny_export(tmp_path)
+    export = tiny_export(tmp_path)
     _kill_and_resume(tmp_path, "gfpo.yaml", [
         f"--model.init_args.init_from={export}", "--model.init_args.num_fork_tokens=3", "--model.init_args.group_size=3",
         "--model.init_args.max_completion_tokens=6", "--model.init_args.kl_coef=0.1", "--model.init_args.entropy_coef=0.1",
@@ -358,7 +368,8 @@ LONG = "12+30=42. " * 3 + "so 42"  # 36 toy tokens with its end of turn: a row o
 
 @pytest.mark.parametrize("overlong", ["truncate", "skip", "error"])
 def test_overlong_traces_are_truncated_skipped_or_stop_the_run(tmp_path, overlong):
-    rows = [GOOD, g(id="q1", prompt="12+30", traces=["so 42", LONG]), g(id="q2", prompt="12+30", traces=[LONG])]
+    rows = [GOOD, grouped_row(id="q1", prompt="12+30", traces=["so 42", LONG]),
+            grouped_row(id="q2", prompt="12+30", traces=[LONG])]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     data = ForkDataModule(train=path, tokenizer="toy", num_fork_tokens=3, max_length=24, overlong=overlong)
     if overlong == "error":

@@ -58,7 +58,7 @@ def test_bad_lora_settings_say_which_key():
 
 
 def test_gfpo_head_with_lora_is_refused(tiny_ssft, tmp_path: Path):
-    from callbacks.export import export_pretrained
+    from forklight.callbacks.export import export_pretrained
     from forklight.modules.gfpo import GFPOModule
 
     export = export_pretrained(tiny_ssft(), str(tmp_path / "export"))

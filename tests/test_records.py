@@ -17,26 +17,10 @@ from forklight.data.records import (
     load_records,
     parse_record_rows,
 )
+from tests.conftest import GROUPED_ROW, grouped_row, write_jsonl
 
-GROUPED = {"id": "q0", "prompt": "1+1?", "answer": "2", "traces": ["one plus one is 2"]}
 FLAT = {"id": "q0", "prompt": "1+1?", "answer": "2", "trace": "one plus one is 2"}
 MSGS = [{"role": "user", "content": "2+2?"}]
-
-
-def _line(row: Any) -> bytes:
-    return row if isinstance(row, bytes) else (row if isinstance(row, str) else json.dumps(row)).encode()
-
-
-def write_jsonl(path: Path, rows: list[Any]) -> str:
-    """Write rows (dicts, raw str lines or raw bytes lines) one per line; return the path."""
-    path.write_bytes(b"\n".join(_line(r) for r in rows) + b"\n")
-    return str(path)
-
-
-def g(**changes: Any) -> dict[str, Any]:
-    """A grouped row with some fields changed (value None removes the field)."""
-    row = {**GROUPED, "id": "q1", **changes}
-    return {k: v for k, v in row.items() if v is not None}
 
 
 def fl(**changes: Any) -> dict[str, Any]:
@@ -50,23 +34,23 @@ BAD_CASES = [
     ("malformed-json", ['{"id": "q1", "prompt": '], 2, "malformed JSON (Expecting value"),
     ("not-object", ["[1, 2]"], 2, "not a JSON object"),
     ("bad-utf8", [b'{"id": "q1", "prompt": "caf\xe9"}'], 2, "not valid UTF-8"),
-    ("no-prompt-no-messages", [g(prompt=None)], 2, "neither 'prompt' nor 'messages'"),
-    ("prompt-not-string", [g(prompt=5)], 2, "'prompt' must be a non-empty string, got int 5"),
-    ("prompt-empty", [g(prompt="  ")], 2, "'prompt' must be a non-empty string"),
-    ("messages-not-list", [g(prompt=None, messages="hi")], 2, "'messages' must be a non-empty list"),
-    ("messages-empty", [g(prompt=None, messages=[])], 2, "got an empty list"),
-    ("message-no-content", [g(prompt=None, messages=[{"role": "user"}])], 2, "messages[0] must be an object"),
-    ("traces-missing", [g(traces=None)], 2, "field 'traces' is missing"),
-    ("traces-not-list", [g(traces="a trace")], 2, "'traces' must be a list of traces, got str"),
-    ("traces-empty", [g(traces=[])], 2, "field 'traces' is an empty list; give at least one trace"),
-    ("trace-item-int", [g(traces=["ok", 3])], 2, "traces[1] must be a non-empty string or an object"),
-    ("trace-item-empty", [g(traces=[""])], 2, "traces[0] must be a non-empty string"),
-    ("trace-object-no-text", [g(traces=[{"source": "t"}])], 2, "with a non-empty string 'text'"),
-    ("trace-source-not-str", [g(traces=[{"text": "t", "source": 1}])], 2, "traces[0].source must be a str"),
-    ("answer-list", [g(answer=[2])], 2, "'answer' must be a string or a number"),
-    ("answer-bool", [g(answer=True)], 2, "'answer' must be a string or a number"),
-    ("id-float", [g(id=1.5)], 2, "'id' must be a non-empty string or an integer"),
-    ("grouped-duplicate-id", ["", g(id="q0")], 3, "duplicate id 'q0' (first used at data.jsonl:1)"),
+    ("no-prompt-no-messages", [grouped_row(prompt=None)], 2, "neither 'prompt' nor 'messages'"),
+    ("prompt-not-string", [grouped_row(prompt=5)], 2, "'prompt' must be a non-empty string, got int 5"),
+    ("prompt-empty", [grouped_row(prompt="  ")], 2, "'prompt' must be a non-empty string"),
+    ("messages-not-list", [grouped_row(prompt=None, messages="hi")], 2, "'messages' must be a non-empty list"),
+    ("messages-empty", [grouped_row(prompt=None, messages=[])], 2, "got an empty list"),
+    ("message-no-content", [grouped_row(prompt=None, messages=[{"role": "user"}])], 2, "messages[0] must be an object"),
+    ("traces-missing", [grouped_row(traces=None)], 2, "field 'traces' is missing"),
+    ("traces-not-list", [grouped_row(traces="a trace")], 2, "'traces' must be a list of traces, got str"),
+    ("traces-empty", [grouped_row(traces=[])], 2, "field 'traces' is an empty list; give at least one trace"),
+    ("trace-item-int", [grouped_row(traces=["ok", 3])], 2, "traces[1] must be a non-empty string or an object"),
+    ("trace-item-empty", [grouped_row(traces=[""])], 2, "traces[0] must be a non-empty string"),
+    ("trace-object-no-text", [grouped_row(traces=[{"source": "t"}])], 2, "with a non-empty string 'text'"),
+    ("trace-source-not-str", [grouped_row(traces=[{"text": "t", "source": 1}])], 2, "traces[0].source must be a str"),
+    ("answer-list", [grouped_row(answer=[2])], 2, "'answer' must be a string or a number"),
+    ("answer-bool", [grouped_row(answer=True)], 2, "'answer' must be a string or a number"),
+    ("id-float", [grouped_row(id=1.5)], 2, "'id' must be a non-empty string or an integer"),
+    ("grouped-duplicate-id", ["", grouped_row(id="q0")], 3, "duplicate id 'q0' (first used at data.jsonl:1)"),
 ]
 BAD_FLAT_CASES = [
     ("flat-trace-missing", [fl(trace=None)], 2, "field 'trace' is missing"),
@@ -81,7 +65,7 @@ BAD_FLAT_CASES = [
 
 @pytest.mark.parametrize(
     ("first", "rows", "line", "phrase"),
-    [pytest.param(GROUPED, *c[1:], id=c[0]) for c in BAD_CASES]
+    [pytest.param(GROUPED_ROW, *c[1:], id=c[0]) for c in BAD_CASES]
     + [pytest.param(FLAT, *c[1:], id=c[0]) for c in BAD_FLAT_CASES],
 )
 def test_bad_record_message(tmp_path: Path, first: dict, rows: list, line: int, phrase: str) -> None:
@@ -101,7 +85,8 @@ def test_layout_cannot_be_detected(tmp_path: Path) -> None:
 
 
 def test_skip_mode_counts_and_keeps_good_rows(tmp_path: Path) -> None:
-    rows = [GROUPED, "{oops", "", g(traces=[]), g(id="q2"), "[]", g(id="q0"), g(id="q3", answer=4)]
+    rows = [GROUPED_ROW, "{oops", "", grouped_row(traces=[]), grouped_row(id="q2"), "[]", grouped_row(id="q0"),
+            grouped_row(id="q3", answer=4)]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     records, report = load_records(path, on_bad_record="skip")
     assert [r.id for r in records] == ["q0", "q2", "q3"]
@@ -113,7 +98,7 @@ def test_skip_mode_counts_and_keeps_good_rows(tmp_path: Path) -> None:
 
 
 def test_no_questions_is_an_error_even_when_skipping(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "data.jsonl", [g(traces=[]), g(traces=None)])
+    path = write_jsonl(tmp_path / "data.jsonl", [grouped_row(traces=[]), grouped_row(traces=None)])
     with pytest.raises(RecordError, match=r"no questions in .*data\.jsonl: 2 rows read, 2 skipped"):
         load_records(path, on_bad_record="skip")
     empty = tmp_path / "empty.jsonl"
@@ -196,7 +181,8 @@ def test_flat_grouping_by_prompt_and_messages(tmp_path: Path) -> None:
 
 
 def test_json_file(tmp_path: Path) -> None:
-    for name, data in (("list.json", [GROUPED, g()]), ("obj.json", {"data": [GROUPED, g()], "version": 1})):
+    rows = [GROUPED_ROW, grouped_row()]
+    for name, data in (("list.json", rows), ("obj.json", {"data": rows, "version": 1})):
         path = tmp_path / name
         path.write_text(json.dumps(data))
         records, report = load_records(str(path))
@@ -253,7 +239,7 @@ def test_dataset_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     data_dir = tmp_path / "ds"
     data_dir.mkdir()
-    write_jsonl(data_dir / "train.jsonl", [GROUPED, g(), g(id="q2", traces=[])])
+    write_jsonl(data_dir / "train.jsonl", [GROUPED_ROW, grouped_row(), grouped_row(id="q2", traces=[])])
     with pytest.raises(RecordError, match=rf"{data_dir}\[train\]:row 3: field 'traces' is an empty list"):
         load_records(str(data_dir))
     records, report = load_records(str(data_dir), on_bad_record="skip")

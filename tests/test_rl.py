@@ -15,9 +15,7 @@ from forklight.losses import (
     grpo_loss,
     stratified_gfpo_loss,
 )
-from forklight.rollout import Completion, RolloutGroup
-from tests.conftest import CONFIGS, TINY_MODEL_CONFIG, tiny_export, tiny_overrides
-from tests.test_ssft import toy_batch
+from tests.conftest import CONFIGS, TINY_MODEL_CONFIG, fake_rollouts, tiny_gfpo, tiny_overrides, toy_batch
 
 
 def test_group_advantages_by_hand():
@@ -91,38 +89,10 @@ def test_grpo_loss_of_two_ranks_averages_to_the_one_process_loss(loss_type):
     assert ((ranks[0] + ranks[1]) / 2).item() == pytest.approx(whole.item())  # DDP averages the ranks
 
 
-def _gfpo(tmp_path, **kwargs):
-    from forklight.modules.gfpo import GFPOModule
-
-    export = _tiny_export(tmp_path)
-    module = GFPOModule(init_from=str(export), num_fork_tokens=3, group_size=6, max_completion_tokens=4, **kwargs)
-    module.configure_model()
-    return module
-
-
-def _tiny_export(tmp_path):
-    """A tiny fresh SSFT model exported as forklight would (3 fork tokens)."""
-    return tiny_export(tmp_path)
-
-
-def _fake_rollouts(texts_of_tag):
-    """A ``rollouts`` replacement: completion text per tag, no generation."""
-
-    def rollouts(batch, tags, batch_idx):
-        return [
-            RolloutGroup(qid, prompt.tolist(), group,
-                         [Completion(token_ids=[7] * (t + 1), text=texts_of_tag(t), length=t + 2, truncated=False, stop_token=5)
-                          for t in group])
-            for qid, prompt, group in zip(batch.ids, batch.prompt_ids, tags)
-        ]
-
-    return rollouts
-
-
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_gfpo_learns_the_tag_that_succeeds_on_a_bandit(tmp_path):
-    module = _gfpo(tmp_path, tag_sampling="policy")
-    module.rollouts = _fake_rollouts(lambda tag: f"so {100 + tag}")
+    module = tiny_gfpo(tmp_path, tag_sampling="policy")
+    module.rollouts = fake_rollouts(lambda tag: f"so {100 + tag}")
     module.verifier = lambda texts, answers, **_: [1.0 if text == "so 101" else 0.0 for text in texts]  # tag 2 wins
     batch = toy_batch(4)
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=2.0)
@@ -138,7 +108,7 @@ def test_gfpo_learns_the_tag_that_succeeds_on_a_bandit(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_gfpo_gradient_ignores_completion_tokens_and_completions_never_get_grad(tmp_path):
-    module = _gfpo(tmp_path, tag_sampling="stratified")
+    module = tiny_gfpo(tmp_path, tag_sampling="stratified")
     module.verifier = lambda texts, answers, **_: [1.0 if "1" in text else 0.0 for text in texts]
     batch = toy_batch(2)
     calls = []
@@ -151,7 +121,7 @@ def test_gfpo_gradient_ignores_completion_tokens_and_completions_never_get_grad(
     module.model.forward = recording_forward
     gradients = []
     for texts in ({0: "a 1", 1: "b", 2: "c 1"}, {0: "zz 11 zz", 1: "qq", 2: "1 long completion"}):  # same rewards
-        module.rollouts = _fake_rollouts(lambda tag, texts=texts: texts[tag])
+        module.rollouts = fake_rollouts(lambda tag, texts=texts: texts[tag])
         module.zero_grad()
         module.update_loss(module.prepare_update(batch, 0), 0)["loss"].backward()
         gradients.append(module.model.get_output_embeddings().weight.grad.clone())

@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from forklight.data.datamodule import ForkDataModule, ToyTask
 from forklight.data.rendering import TraceSetBatch
 from forklight.matching import assignment_cost
-
-
-def toy_batch(num_questions: int = 2) -> TraceSetBatch:
-    data = ForkDataModule(toy=ToyTask(num_train=16, num_val=1, num_test=1), batch_size=num_questions)
-    data.setup("fit")
-    return next(iter(data.train_dataloader()))
+from tests.conftest import toy_batch
 
 
 def permute_traces(batch: TraceSetBatch, orders: list[list[int]]) -> TraceSetBatch:
@@ -140,8 +134,10 @@ def test_right_padded_rows_need_no_attention_mask(tiny_ssft):
     prompts = [p for p, traces in zip(batch.prompt_ids, batch.trace_ids) for _ in traces]
     traces = [t for traces in batch.trace_ids for t in traces]
     rows = assemble_rows(prompts, [module.fork_token_ids[0]] * len(traces), traces, module.tokenizer.pad_token_id)
+    lengths = torch.tensor([len(p) + 1 + len(t) for p, t in zip(prompts, traces)])  # prompt | tag | trace
+    real_tokens = (torch.arange(rows.input_ids.shape[1]) < lengths[:, None]).long()  # [R, T]
     with torch.no_grad():
-        masked = summed_nll(module.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits, rows.labels)
+        masked = summed_nll(module.model(input_ids=rows.input_ids, attention_mask=real_tokens).logits, rows.labels)
         unmasked = summed_nll(module.model(input_ids=rows.input_ids).logits, rows.labels)
     assert masked[1] == unmasked[1] and masked[0].item() == pytest.approx(unmasked[0].item(), rel=1e-5)
 
@@ -236,7 +232,8 @@ def test_whole_trace_costs_with_shared_prompt_match_the_definition(tiny_ssft):
 def test_scored_token_nll_is_cross_entropy_at_the_scored_positions():
     import torch.nn.functional as F
 
-    from forklight.losses import group_means, grouped_mean_nll, scored_token_nll
+    from forklight.losses import group_means, scored_token_nll
+    from tests.conftest import grouped_mean_nll
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 50, generator=generator)

@@ -104,10 +104,13 @@ class TraceSetBatch:
 
 @dataclass
 class Rows:
-    """Right-padded model rows built from (prompt, prefix tokens, continuation) triples."""
+    """Right-padded model rows built from (prompt, prefix tokens, continuation) triples.
+
+    No attention mask: under causal attention no real token of a right-padded row sees a pad, and
+    pads get no loss (``tests/test_ssft.py`` checks the masked and unmasked losses agree).
+    """
 
     input_ids: torch.Tensor  # [R, T]
-    attention_mask: torch.Tensor  # [R, T], 1 on real tokens
     labels: torch.Tensor  # [R, T], IGNORE_INDEX on prompt, tag and padding
 
 
@@ -116,30 +119,21 @@ def assemble_rows(
     tags: Sequence[int],
     continuations: Sequence[torch.Tensor],
     pad_id: int,
-    max_continuation_tokens: int | None = None,
 ) -> Rows:
-    """Rows ``[prompt | tag | continuation]`` with only the continuation supervised.
-
-    ``max_continuation_tokens`` keeps only the first tokens of each continuation (the SSFT
-    matching prefix).
-    """
+    """Rows ``[prompt | tag | continuation]`` with only the continuation supervised."""
     pieces, supervised = [], []
     for prompt, tag, continuation in zip(prompts, tags, continuations, strict=True):
-        if max_continuation_tokens is not None:
-            continuation = continuation[:max_continuation_tokens]
         tag_tensor = torch.tensor([tag], dtype=prompt.dtype, device=prompt.device)
         pieces.append(torch.cat([prompt, tag_tensor, continuation]))
         supervised.append(len(prompt) + 1)
     length = max(len(piece) for piece in pieces)
     device = pieces[0].device
     input_ids = torch.full((len(pieces), length), pad_id, dtype=torch.long, device=device)  # [R, T]
-    attention_mask = torch.zeros((len(pieces), length), dtype=torch.long, device=device)  # [R, T]
     labels = torch.full((len(pieces), length), IGNORE_INDEX, dtype=torch.long, device=device)  # [R, T]
     for row, (piece, start) in enumerate(zip(pieces, supervised)):
         input_ids[row, : len(piece)] = piece
-        attention_mask[row, : len(piece)] = 1
         labels[row, start : len(piece)] = piece[start:]
-    return Rows(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    return Rows(input_ids=input_ids, labels=labels)
 
 
 def left_padded_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,9 @@ PREDICT_TAGS = ("all", "policy")
 
 
 class ForkModule(L.LightningModule):
+    # Whether training optimises the tag distribution pi(i | x) itself (GFPO): monitors show its views.
+    learns_tag_policy: bool = False
+
     def __init__(
         self,
         init_from: str | None = None,

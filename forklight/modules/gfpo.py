@@ -37,6 +37,8 @@ TRAINABLE = ("head", "all")
 
 
 class GFPOModule(RLModule):
+    learns_tag_policy = True  # the update is a policy gradient on pi(i | x)
+
     def __init__(
         self,
         tag_sampling: str = "policy",

@@ -143,4 +143,4 @@ def forward_rows(chunk: slice) -> slice:
 
 def row_chunk(rows: Rows, chunk: slice) -> Rows:
     """Rows ``chunk`` of ``rows``."""
-    return Rows(input_ids=rows.input_ids[chunk], attention_mask=rows.attention_mask[chunk], labels=rows.labels[chunk])
+    return Rows(input_ids=rows.input_ids[chunk], labels=rows.labels[chunk])
