@@ -134,6 +134,22 @@ def accumulation_correction(reference_tokens: float, window_tokens: float) -> fl
 # ---- RL (GFPO, GRPO): B questions, G samples per question, N fork tokens, L completion tokens ----
 
 
+@dataclass
+class LossParts:
+    """An RL loss and the parts that are logged (``train/kl``, ...); a part the loss does not have is None."""
+
+    loss: torch.Tensor  # [] what is backpropagated (with gradient)
+    kl: torch.Tensor | None = None  # [] KL to the reference policy (0 without one)
+    clip_frac: torch.Tensor | None = None  # [] share of clipped ratios (GFPO: samples; GRPO: tokens)
+    surrogate: torch.Tensor | None = None  # [] the policy-gradient term alone (GFPO)
+    entropy: torch.Tensor | None = None  # [] entropy of the tag policy (GFPO)
+    tokens: torch.Tensor | None = None  # [] supervised tokens of the rows given (GRPO: weights merge_chunk_parts)
+
+    def detached(self) -> LossParts:
+        """The same parts without gradient."""
+        return LossParts(**{name: None if value is None else value.detach() for name, value in vars(self).items()})
+
+
 def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """``A_k = (r_k - mean r) / (std r + eps)`` within each question's group, [B, G].
 
@@ -183,12 +199,12 @@ def gfpo_loss(
     clip_eps: float,
     kl_coef: float,
     entropy_coef: float,
-) -> dict[str, torch.Tensor]:
+) -> LossParts:
     """GFPO objective over the fork-token policy (DESIGN.md §1), sampled-tag form.
 
     log_policy: [B, N] log pi_theta(.|x) with gradient; old_log_policy, ref_log_policy: [B, N];
     tags: [B, G] sampled tag indices; advantages, valid: [B, G].
-    Returns the loss and its parts (surrogate, kl, entropy, clip_frac), scalars.
+    Returns the loss and its parts (surrogate, kl, entropy, clip_frac).
     """
     new = log_policy.gather(1, tags)  # [B, G]
     old = old_log_policy.gather(1, tags)  # [B, G]
@@ -206,7 +222,7 @@ def stratified_gfpo_loss(
     tag_valid: torch.Tensor,
     kl_coef: float,
     entropy_coef: float,
-) -> dict[str, torch.Tensor]:
+) -> LossParts:
     """GFPO objective with stratified tags: ``-sum_i pi_theta(i|x) (r_i - mean r)``, averaged over x.
 
     log_policy: [B, N] with gradient; tag_rewards: [B, N] mean reward of each tag's samples;
@@ -220,12 +236,12 @@ def stratified_gfpo_loss(
     return _with_regularisers(surrogate, log_policy, ref_log_policy, kl_coef, entropy_coef, torch.zeros(()))
 
 
-def _with_regularisers(surrogate, log_policy, ref_log_policy, kl_coef, entropy_coef, clip_frac) -> dict[str, torch.Tensor]:
+def _with_regularisers(surrogate, log_policy, ref_log_policy, kl_coef, entropy_coef, clip_frac) -> LossParts:
     kl = categorical_kl(log_policy, ref_log_policy).mean() if ref_log_policy is not None else torch.zeros(())
     entropy = categorical_entropy(log_policy).mean()
     loss = surrogate + kl_coef * kl - entropy_coef * entropy
-    return {"loss": loss, "surrogate": surrogate.detach(), "kl": kl.detach(), "entropy": entropy.detach(),
-            "clip_frac": clip_frac.detach()}
+    return LossParts(loss=loss, surrogate=surrogate.detach(), kl=kl.detach(), entropy=entropy.detach(),
+                     clip_frac=clip_frac.detach())
 
 
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
@@ -259,7 +275,7 @@ def grpo_loss(
     max_completion_length: int,
     global_count: torch.Tensor | None = None,
     world_size: int = 1,
-) -> dict[str, torch.Tensor]:
+) -> LossParts:
     """Token-level GRPO objective over completions.
 
     token_log_probs: [S, L] log pi_theta of each completion token with gradient; old/ref: [S, L];
@@ -286,19 +302,22 @@ def grpo_loss(
     count = global_count if global_count is not None else grpo_normaliser(mask, loss_type, max_completion_length)
     loss = local_sum * world_size / count.clamp_min(1.0)
     tokens = mask.sum().clamp_min(1.0)
-    return {"loss": loss, "kl": ((kl * mask).sum() / tokens).detach(), "clip_frac": ((clipped.float() * mask).sum() / tokens).detach(),
-            "tokens": mask.sum().detach()}
+    return LossParts(loss=loss, kl=((kl * mask).sum() / tokens).detach(),
+                     clip_frac=((clipped.float() * mask).sum() / tokens).detach(), tokens=mask.sum().detach())
 
 
-def merge_chunk_parts(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def merge_chunk_parts(chunks: list[LossParts]) -> LossParts:
     """Loss parts of a batch from those of its row chunks (a micro-batched update): ``loss`` summed (each
     chunk's loss is divided by the whole batch's denominator, :func:`grpo_loss` ``global_count``); the
     token means (``kl``, ``clip_frac``) weighted by each chunk's ``tokens``. One chunk: its parts."""
     if len(chunks) == 1:
         return chunks[0]
-    tokens = torch.stack([chunk["tokens"] for chunk in chunks])  # [C]
+    tokens = torch.stack([chunk.tokens for chunk in chunks])  # [C]
     weights = tokens / tokens.sum().clamp_min(1.0)  # [C]
-    merged = {"loss": torch.stack([chunk["loss"] for chunk in chunks]).sum(), "tokens": tokens.sum()}
-    for key in chunks[0].keys() - merged.keys():
-        merged[key] = (torch.stack([chunk[key] for chunk in chunks]) * weights).sum()
-    return merged
+
+    def token_mean(name: str) -> torch.Tensor | None:
+        values = [getattr(chunk, name) for chunk in chunks]
+        return None if values[0] is None else (torch.stack(values) * weights).sum()
+
+    return LossParts(loss=torch.stack([chunk.loss for chunk in chunks]).sum(), tokens=tokens.sum(),
+                     **{name: token_mean(name) for name in ("surrogate", "kl", "entropy", "clip_frac")})

@@ -237,8 +237,7 @@ def test_grpo_log_probs_are_taken_at_the_rollout_temperature(tmp_path):
     module = _grpo(tmp_path, rollout_temperature=0.7)
     module.configure_model()
     batch = toy_batch(2)
-    context = module.prepare_update(batch, 0)
-    rows = context["rows"]
+    rows = module.prepare_update(batch, 0).rows
     with torch.no_grad():
         logits = module.model(input_ids=rows.input_ids).logits[:, :-1].float()  # [S, T-1, V]
         targets = rows.labels[:, 1:]
@@ -307,13 +306,13 @@ def test_gfpo_first_iteration_ratio_is_one_with_a_dropout_model(tmp_path, monkey
     real = gfpo.fork_log_policy
     monkeypatch.setattr(gfpo, "fork_log_policy", lambda *a, **k: new.append(real(*a, **k)) or new[-1])
     batch = toy_batch(4)
-    context = module.prepare_update(batch, 0)
-    parts = module.update_loss(context, 0)
-    log_ratio = (new[0] - context["old"]).gather(1, context["tags"])  # [B, G]
+    update = module.prepare_update(batch, 0)
+    parts = module.update_loss(update, 0)
+    log_ratio = (new[0] - update.old_log_policy).gather(1, update.tags)  # [B, G]
     print(f"trainable={trainable}: max |log ratio| at the first iteration {log_ratio.abs().max().item():.3g}")
     assert log_ratio.abs().max().item() < 1e-6
-    assert parts["clip_frac"].item() == 0.0
-    parts["loss"].backward()  # gradient still flows through the dropout-free forward
+    assert parts.clip_frac.item() == 0.0
+    parts.loss.backward()  # gradient still flows through the dropout-free forward
     assert module.model.get_output_embeddings().weight.grad[module.fork_token_ids].abs().sum() > 0
     assert module.model.training  # the mode is restored
 
@@ -327,17 +326,17 @@ def test_grpo_old_and_new_log_probs_agree_at_the_first_iteration_with_a_dropout_
     module.configure_model()
     module.rollouts = _varied_rollouts
     module.verifier = lambda texts, answers, **_: [float(int(text.split()[1]) % 2) for text in texts]
-    context = module.prepare_update(toy_batch(2), 0)
+    update = module.prepare_update(toy_batch(2), 0)
     new = []
     real = module.token_log_probs
     module.token_log_probs = lambda *a, **k: new.append(real(*a, **k)) or new[-1]
-    parts = module.update_loss(context, 0)
-    difference = (new[0] - context["old"]).abs().max().item()
+    parts = module.update_loss(update, 0)
+    difference = (new[0] - update.old_log_probs).abs().max().item()
     print(f"max |new - old| token log-prob at the first iteration {difference:.3g}")
     assert difference < 1e-6
-    assert (new[0].detach() - context["ref"]).abs().max().item() < 1e-6  # the reference starts equal too
-    assert parts["clip_frac"].item() == 0.0 and parts["kl"].item() < 1e-6
-    parts["loss"].backward()
+    assert (new[0].detach() - update.ref_log_probs).abs().max().item() < 1e-6  # the reference starts equal too
+    assert parts.clip_frac.item() == 0.0 and parts.kl.item() < 1e-6
+    parts.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
     assert module.model.training
-    assert np.isfinite(parts["loss"].item())
+    assert np.isfinite(parts.loss.item())

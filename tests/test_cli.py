@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import yaml
 from forklight.cli import build_cli, main
 from forklight.data.records import RecordError
 from forklight.errors import ConfigError
-from tests.conftest import CONFIGS, REPO, tiny_overrides
+from tests.conftest import CONFIGS, REPO, tiny_export, tiny_overrides
 
 SHIPPED = sorted(str(path.relative_to(CONFIGS)) for path in CONFIGS.rglob("*.yaml"))
 RUN_CONFIGS = [name for name in SHIPPED if "/" not in name]
@@ -91,7 +92,6 @@ def test_fast_dev_run_takes_one_step_and_writes_no_run(tmp_path):
     assert "val/pass@1" in logged  # one validation batch ran too
     assert not (tmp_path / "ssft").exists()  # no logger run directory (TensorBoard, config.yaml)
     assert not (tmp_path / "export").exists()  # HFExport skips fast_dev_run
-
 
 
 def test_bad_config_value_fails_with_the_key(tmp_path):
@@ -196,3 +196,55 @@ def test_real_model_configs_skip_sanity_validation_and_choose_an_overlong_policy
     config = yaml.safe_load((CONFIGS / name).read_text())
     assert config["trainer"].get("num_sanity_val_steps") == 0, f"{name}: sanity validation generates before step 1"
     assert config["data"]["init_args"].get("overlong") in ("truncate", "skip", "error"), name
+
+
+def _constructor_arguments(cls) -> set[str]:
+    """Every named argument of ``cls``'s constructor chain (SSFTModule's and ForkModule's, ...)."""
+    from forklight.modules.base import ForkModule
+
+    return {name for klass in cls.__mro__ if isinstance(klass, type) and issubclass(klass, ForkModule)
+            for name, parameter in inspect.signature(klass.__init__).parameters.items()
+            if name != "self" and parameter.kind is not parameter.VAR_KEYWORD}
+
+
+def _saved_hyperparameters(module, tmp_path: Path) -> dict:
+    """The ``hyper_parameters`` of a checkpoint of ``module``, as Lightning writes and reloads them."""
+    import lightning as L
+    import torch
+
+    module.configure_model()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    path = tmp_path / "hparams.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True, map_location="cpu")["hyper_parameters"]
+    reloaded = type(module).load_from_checkpoint(path, map_location="cpu")  # rebuilt from them alone
+    assert dict(reloaded.hparams) == {key: value for key, value in saved.items() if not key.startswith("_")}  # CLI's keys
+    return saved
+
+
+@pytest.mark.parametrize("name", ["ssft", "gfpo", "grpo"])
+def test_checkpoints_store_every_constructor_argument(tmp_path, name):
+    """Built directly (tests, ``load_from_checkpoint``) or by the CLI, a module's checkpoint holds every
+    argument of its constructors, with the values ``init_from`` fixed (the resolved path, the export's
+    tokenizer) and a subclass's own defaults (GFPO's ``fork_policy: learned``)."""
+    from forklight.modules.gfpo import GFPOModule
+    from forklight.modules.grpo import GRPOModule
+    from forklight.modules.ssft import SSFTModule
+
+    export = tiny_export(tmp_path)
+    cls = {"ssft": SSFTModule, "gfpo": GFPOModule, "grpo": GRPOModule}[name]
+    start = {"init_from": str(tmp_path / "exp*"), "num_fork_tokens": 3}  # a glob: resolved, and saved resolved
+    saved = _saved_hyperparameters(cls(**start, group_size=4) if name != "ssft" else cls(**start), tmp_path)
+    assert set(saved) == _constructor_arguments(cls)
+    assert saved["init_from"] == saved["tokenizer"] == str(export)
+    assert saved["fork_policy"] == ("learned" if name == "gfpo" else "coverage")
+    if name != "ssft":
+        assert saved["group_size"] == 4
+
+    options = [f"--model.init_args.init_from={tmp_path / 'exp*'}", "--model.init_args.num_fork_tokens=3"]
+    cli = build_cli(["-c", str(CONFIGS / f"{name}.yaml"), *tiny_overrides(tmp_path), *options], run=False)
+    saved = _saved_hyperparameters(cli.model, tmp_path)
+    assert set(saved) == _constructor_arguments(cls) | {"_class_path", "_instantiator"}
+    assert saved["init_from"] == saved["tokenizer"] == str(export)
+    assert saved["fork_policy"] == cli.config.model.init_args.fork_policy

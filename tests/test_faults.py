@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from forklight.cli import main
 from forklight.data.datamodule import ForkDataModule, ToyTask
 from forklight.data.records import RecordError
 from forklight.data.rendering import load_tokenizer
-from forklight.rewards import gold_answer_parser
+from forklight.losses import LossParts
 from tests.conftest import (
     CONFIGS,
     REPO,
@@ -78,8 +79,7 @@ def _setup(tmp_path: Path, split: str, rows: list, on_bad_record: str, **options
     data = ForkDataModule(train=paths["train"], val=paths.get("val"), tokenizer="toy", num_fork_tokens=3,
                           on_bad_record=on_bad_record, **options)
     data.setup("fit")
-    module = _ssft_module()  # what the module hands over at setup
-    data.check_gold_answers(gold_answer_parser(module.verifier, module.extract_answer), module.GOLD_ANSWER_SPLITS)
+    _ssft_module().check_gold_answers(data)
     return data
 
 
@@ -154,15 +154,15 @@ def test_a_verifier_that_hangs_or_raises_scores_zero_and_is_counted(tmp_path, ve
     module.verifier = verifier
     batch = toy_batch(2)
     started = time.perf_counter()
-    context = module.prepare_update(batch, 0)  # rollouts of a training step
+    update = module.prepare_update(batch, 0)  # rollouts of a training step
     assert time.perf_counter() - started < 10
-    assert torch.all(context["rewards"] == 0) and torch.all(context["advantages"] == 0)
+    assert torch.all(update.rewards == 0) and torch.all(update.advantages == 0)
     assert module.fault_counts == {counter: 2 * 6}
-    assert torch.isfinite(module.update_loss(context, 0)["loss"])
+    assert torch.isfinite(module.update_loss(update, 0).loss)
 
-    evaluations = module.evaluator.evaluate_batch(batch)  # evaluation: every (question, tag) sample scores 0
+    evaluations = module.evaluate_batch(batch)  # evaluation: every (question, tag) sample scores 0
     assert all(score == 0.0 for e in evaluations for row in e.scores for score in row)
-    assert module.evaluator.faults == {counter: 2 * 3}
+    assert module._evaluation_faults == {counter: 2 * 3}
 
 
 def test_hung_verifier_calls_do_not_pile_up(monkeypatch):
@@ -196,8 +196,8 @@ class _Poison(L.Callback):
             result = original(*args, **kwargs)
             if module.global_step != step:
                 return result
-            if isinstance(result, dict):
-                return {**result, "loss": result["loss"] * float("nan")}
+            if isinstance(result, LossParts):
+                return dataclasses.replace(result, loss=result.loss * float("nan"))
             return (result[0] * float("nan"), *result[1:])
 
         setattr(module, method, poisoned)

@@ -15,7 +15,16 @@ from forklight.losses import (
     grpo_loss,
     stratified_gfpo_loss,
 )
-from tests.conftest import CONFIGS, TINY_MODEL_CONFIG, fake_rollouts, tiny_gfpo, tiny_overrides, toy_batch
+from forklight.rollout import Completion, RolloutGroup
+from tests.conftest import (
+    CONFIGS,
+    TINY_MODEL_CONFIG,
+    fake_rollouts,
+    tiny_export,
+    tiny_gfpo,
+    tiny_overrides,
+    toy_batch,
+)
 
 
 def test_group_advantages_by_hand():
@@ -41,7 +50,7 @@ def test_stratified_gfpo_gradient_is_the_analytic_policy_gradient():
     logits = torch.randn(3, 4, requires_grad=True)  # [B, N]
     tag_rewards = torch.rand(3, 4)
     parts = stratified_gfpo_loss(logits.log_softmax(-1), None, tag_rewards, torch.ones(3, 4, dtype=torch.bool), 0.0, 0.0)
-    parts["loss"].backward()
+    parts.loss.backward()
     pi = logits.detach().softmax(-1)
     expected_reward = (pi * tag_rewards).sum(-1, keepdim=True)
     analytic = pi * (tag_rewards - expected_reward) / 3  # d E_pi[r] / d logits, averaged over B
@@ -55,8 +64,8 @@ def test_gfpo_sampled_loss_by_hand():
     advantages = torch.tensor([[1.0, -1.0]])
     parts = gfpo_loss(log_policy, old, None, tags, advantages, torch.ones(1, 2, dtype=torch.bool), 0.2, 0.0, 0.0)
     # ratios 2.0 (clipped to 1.2, A=+1) and 0.5 (A=-1: min(-0.5, -0.8) = -0.8)
-    assert parts["loss"].item() == pytest.approx(-(1.2 + -0.8) / 2)
-    assert parts["clip_frac"].item() == pytest.approx(1.0)
+    assert parts.loss.item() == pytest.approx(-(1.2 + -0.8) / 2)
+    assert parts.clip_frac.item() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
@@ -71,7 +80,7 @@ def test_grpo_token_normalisation_by_hand(loss_type):
         "dapo": (sums.sum() / 4).item(),
         "dr_grpo": (sums.sum() / (2 * 4)).item(),
     }[loss_type]
-    assert parts["loss"].item() == pytest.approx(expected)
+    assert parts.loss.item() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
@@ -81,11 +90,11 @@ def test_grpo_loss_of_two_ranks_averages_to_the_one_process_loss(loss_type):
     log_probs = torch.zeros(4, 3)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     advantages = torch.tensor([1.0, -2.0, 0.5, 3.0])
-    whole = grpo_loss(log_probs, log_probs, None, advantages, mask, loss_type, 0.2, 0.0, 4)["loss"]
+    whole = grpo_loss(log_probs, log_probs, None, advantages, mask, loss_type, 0.2, 0.0, 4).loss
     halves = [slice(0, 2), slice(2, 4)]
     total = sum(grpo_normaliser(mask[h], loss_type, 4) for h in halves)  # what sum_over_ranks gives
     ranks = [grpo_loss(log_probs[h], log_probs[h], None, advantages[h], mask[h], loss_type, 0.2, 0.0, 4,
-                       global_count=total, world_size=2)["loss"] for h in halves]
+                       global_count=total, world_size=2).loss for h in halves]
     assert ((ranks[0] + ranks[1]) / 2).item() == pytest.approx(whole.item())  # DDP averages the ranks
 
 
@@ -98,9 +107,9 @@ def test_gfpo_learns_the_tag_that_succeeds_on_a_bandit(tmp_path):
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=2.0)
     before = module.fork_policy_of(batch.prompt_ids).exp()[:, 1].mean().item()
     for step in range(15):
-        context = module.prepare_update(batch, step)
+        update = module.prepare_update(batch, step)
         optimizer.zero_grad()
-        module.update_loss(context, 0)["loss"].backward()
+        module.update_loss(update, 0).loss.backward()
         optimizer.step()
     after = module.fork_policy_of(batch.prompt_ids).exp()[:, 1].mean().item()
     assert before < 0.5 and after > 0.9
@@ -123,7 +132,7 @@ def test_gfpo_gradient_ignores_completion_tokens_and_completions_never_get_grad(
     for texts in ({0: "a 1", 1: "b", 2: "c 1"}, {0: "zz 11 zz", 1: "qq", 2: "1 long completion"}):  # same rewards
         module.rollouts = fake_rollouts(lambda tag, texts=texts: texts[tag])
         module.zero_grad()
-        module.update_loss(module.prepare_update(batch, 0), 0)["loss"].backward()
+        module.update_loss(module.prepare_update(batch, 0), 0).loss.backward()
         gradients.append(module.model.get_output_embeddings().weight.grad.clone())
     assert torch.equal(gradients[0], gradients[1])
     longest_prompt = max(len(p) for p in batch.prompt_ids)
@@ -132,6 +141,65 @@ def test_gfpo_gradient_ignores_completion_tokens_and_completions_never_get_grad(
     head = module.model.get_output_embeddings().weight.grad
     others = [i for i in range(head.shape[0]) if i not in module.fork_token_ids]
     assert torch.all(head[others] == 0) and head[module.fork_token_ids].abs().sum() > 0  # trainable: head
+
+
+def _numbered_rollouts(stop_token: int):
+    """A ``rollouts`` replacement: completion k of a group is tokens ``20 + k, 21 + k, ...`` (k + 1 of them),
+    then ``stop_token``, except the last completion, which is truncated (no stop token); text ``so k``."""
+
+    def rollouts(batch, tags, batch_idx):
+        return [RolloutGroup(qid, prompt.tolist(), group, [
+            Completion(token_ids=list(range(20 + k, 21 + 2 * k)), text=f"so {k}", length=k + 2,
+                       truncated=k == len(group) - 1, stop_token=None if k == len(group) - 1 else stop_token)
+            for k, _ in enumerate(group)]) for qid, prompt, group in zip(batch.ids, batch.prompt_ids, tags)]
+
+    return rollouts
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.filterwarnings("ignore:The '.*dataloader' does not have many workers")
+def test_grpo_loss_covers_completion_and_stop_tokens_only_and_the_reference_stays_frozen(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from forklight.modules.grpo import GRPOModule
+
+    module = GRPOModule(init_from=str(tiny_export(tmp_path)), num_fork_tokens=3, group_size=4, max_completion_tokens=8,
+                        kl_coef=0.5, learning_rate=0.05)
+    module.configure_model()
+    module.rollouts = _numbered_rollouts(stop_token=module.stop_ids[0])
+    module.verifier = lambda texts, answers, **_: [float(int(text.split()[1]) % 2) for text in texts]  # every A != 0
+    batch = toy_batch(2)
+    completions = [c for group in module.rollouts(batch, [[0] * 4] * 2, 0) for c in group.completions]  # [S]
+    prompt_lengths = [len(p) for p in batch.prompt_ids for _ in range(4)]  # [S]
+
+    # Which next-token log-probs the loss depends on: row s predicts its tokens at positions P_s.., tag at P_s
+    update = module.prepare_update(batch, 0)
+    token_log_probs, seen = module.token_log_probs, []
+    module.token_log_probs = lambda model, rows: seen.append(token_log_probs(model, rows)) or seen[-1].retain_grad() or seen[-1]
+    module.update_loss(update, 0).loss.backward()
+    gradient = seen[0].grad  # [S, T-1]: position t scores input token t + 1
+    for row, (completion, length) in enumerate(zip(completions, prompt_lengths)):
+        scored = completion.token_ids + ([] if completion.truncated else [completion.stop_token])  # stop included
+        covered = gradient[row].nonzero().flatten()
+        assert covered.tolist() == list(range(length, length + len(scored)))  # not the prompt, not the tag
+        assert update.rows.input_ids[row, covered + 1].tolist() == scored
+    assert sum(c.stop_token is not None for c in completions) == 6 and sum(c.truncated for c in completions) == 2
+
+    # A few real training steps with the KL on: the policy moves, the frozen reference never does
+    module.token_log_probs = token_log_probs
+    reference = {name: value.clone() for name, value in module.reference_model.state_dict().items()}
+    policy = {name: value.clone() for name, value in module.model.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, DataLoader([batch] * 3, batch_size=None, collate_fn=lambda item: item))
+    assert trainer.global_step == 3
+    assert any(not torch.equal(value, policy[name]) for name, value in module.model.state_dict().items())
+    assert all(torch.equal(value, reference[name]) for name, value in module.reference_model.state_dict().items())
+    assert all(not p.requires_grad and p.grad is None for p in module.reference_model.parameters())
+    with torch.no_grad():  # the same reference probabilities of the same rows; the policy's have moved away
+        assert torch.equal(module.token_log_probs(module.reference_model, update.rows), update.ref_log_probs)
+        assert not torch.allclose(module.token_log_probs(module.model, update.rows), update.ref_log_probs)
 
 
 def test_math_verifier_tricky_cases():
@@ -199,12 +267,12 @@ def test_completions_never_contain_a_fork_token(tiny_ssft, monkeypatch):
     prefixes = [p.tolist() + [module.fork_token_ids[0]] for p in toy_batch(2).prompt_ids]
     free = generate_completions(module.model, module.tokenizer, prefixes, module.stop_ids, 12, 1.0)
     assert any(t in module.fork_token_ids for c in free for t in c.token_ids)  # the test can fail
-    import forklight.rollout as rollout
+    import forklight.modules.base as base
 
     seen = {}
-    real = rollout.generate_completions
-    monkeypatch.setattr(rollout, "generate_completions", lambda *a, **k: seen.update(k) or real(*a, **k))
-    module.evaluator.evaluate_batch(toy_batch(1))
+    real = base.generate_completions
+    monkeypatch.setattr(base, "generate_completions", lambda *a, **k: seen.update(k) or real(*a, **k))
+    module.evaluate_batch(toy_batch(1))
     assert seen["suppress_ids"] == module.fork_token_ids  # the evaluation loop suppresses them
     suppressed = generate_completions(module.model, module.tokenizer, prefixes, module.stop_ids, 12, 1.0,
                                       suppress_ids=module.fork_token_ids)

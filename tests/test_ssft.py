@@ -75,9 +75,20 @@ def test_fixed_matching_depends_on_order_and_single_uses_one_tag(tiny_ssft):
     assert [a.tolist() for a in fixed.match(batch)] == [[0, 1, 2, 3], [0, 1, 2, 3]]
     single = tiny_ssft(matching="single", num_fork_tokens=1)
     assert [a.tolist() for a in single.match(batch)] == [[0, 0, 0, 0], [0, 0, 0, 0]]
-    random_module = tiny_ssft(matching="random")
-    assignment = random_module.match(batch)[0]
-    assert len(set(assignment.tolist())) == 4
+
+
+def test_random_matching_is_injective_fresh_per_micro_batch_and_seed_and_gives_every_trace_every_tag(tiny_ssft):
+    """The paper's collapse ablation: a uniformly random injective map, drawn anew (``fixed`` fails all but the first)."""
+    batch = toy_batch()  # 2 questions, 4 traces each; N = 6 tags
+    module = tiny_ssft(matching="random")
+    draws = [module.match(batch, batch_idx) for batch_idx in range(100)]  # [draw][question] -> [M] tags
+    assert all(len(set(assignment.tolist())) == 4 for draw in draws for assignment in draw)  # injective
+    assert len({str([a.tolist() for a in draw]) for draw in draws[:4]}) == 4  # micro-batches differ
+    other_seed = tiny_ssft(matching="random", seed=1).match(batch, 0)
+    assert [a.tolist() for a in other_seed] != [a.tolist() for a in draws[0]]  # seeds differ
+    for question in range(len(batch.ids)):
+        tags_of_trace = [{int(draw[question][trace]) for draw in draws} for trace in range(4)]
+        assert tags_of_trace == [set(range(6))] * 4  # every trace got every tag
 
 
 def test_loss_gradient_reaches_only_matched_tag_rows(tiny_ssft):

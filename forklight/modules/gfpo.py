@@ -25,15 +25,30 @@ tokens' rows).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.utils.data import DataLoader
 
 from forklight.forking import fork_log_policy
-from forklight.losses import categorical_entropy, gfpo_loss, stratified_gfpo_loss
+from forklight.losses import LossParts, categorical_entropy, gfpo_loss, stratified_gfpo_loss
 from forklight.modules.rl import RLModule, without_dropout
 
 TAG_SAMPLING = ("policy", "stratified")
 TRAINABLE = ("head", "all")
+
+
+@dataclass
+class GFPOUpdate:
+    """One step's scored rollouts, what the GFPO loss needs (B questions, G samples each, N tags)."""
+
+    prompts: list[torch.Tensor]  # B prompts, each [P_b] token ids: the only forward with gradient
+    old_log_policy: torch.Tensor  # [B, N] log pi_old(. | x), the policy that sampled the tags
+    ref_log_policy: torch.Tensor | None  # [B, N] log pi_ref(. | x) of the starting model; None when kl_coef = 0
+    tags: torch.Tensor  # [B, G] sampled tag indices
+    rewards: torch.Tensor  # [B, G] verifier scores (0 where skipped)
+    valid: torch.Tensor  # [B, G] bool, False where the verifier skipped a sample
+    advantages: torch.Tensor  # [B, G] group advantages
 
 
 class GFPOModule(RLModule):
@@ -68,7 +83,6 @@ class GFPOModule(RLModule):
         if tag_sampling == "stratified" and self.hparams.group_size % num_tags:
             raise ValueError(f"model.tag_sampling=stratified needs group_size divisible by num_fork_tokens "
                              f"({num_tags}), got group_size={self.hparams.group_size}")
-        self.save_init_hyperparameters()
         self.ref_log_policy: dict[str, torch.Tensor] = {}  # question id -> log pi_ref(. | x), [N]
 
     def on_model_built(self) -> None:
@@ -129,7 +143,7 @@ class GFPOModule(RLModule):
         generator = torch.Generator().manual_seed(self._sampling_seed(batch_idx))
         return torch.multinomial(old_log_policy.exp().cpu(), group_size, replacement=True, generator=generator)
 
-    def prepare_update(self, batch, batch_idx: int) -> dict:
+    def prepare_update(self, batch, batch_idx: int) -> GFPOUpdate:
         old_log_policy = self.fork_policy_of(batch.prompt_ids)  # [B, N]
         tags = self.sample_tags(old_log_policy, batch_idx)  # [B, G]
         groups = self.rollouts(batch, tags.tolist(), batch_idx)
@@ -139,29 +153,34 @@ class GFPOModule(RLModule):
         for tag, probability in enumerate(policy.tolist()):
             self.log(f"fork/policy/tag{tag + 1}", probability, batch_size=len(batch))
         self.log("fork/policy_entropy", categorical_entropy(old_log_policy).mean(), batch_size=len(batch))
-        context = {"prompts": batch.prompt_ids, "old": old_log_policy, "tags": tags.to(self.device),
-                   "rewards": rewards.to(self.device), "valid": valid.to(self.device),
-                   "advantages": self.advantages(rewards, valid).to(self.device), "ref": None}
-        if self.hparams.kl_coef > 0:
-            missing = [question for question in batch.ids if question not in self.ref_log_policy]
-            if missing:
-                raise KeyError(f"no reference tag policy for questions {missing[:3]}: they were not in the "
-                               "training data when the fit started")
-            context["ref"] = torch.stack([self.ref_log_policy[question] for question in batch.ids]).to(self.device)
-        return context
+        return GFPOUpdate(
+            prompts=batch.prompt_ids, old_log_policy=old_log_policy, ref_log_policy=self.reference_policy(batch.ids),
+            tags=tags.to(self.device), rewards=rewards.to(self.device), valid=valid.to(self.device),
+            advantages=self.advantages(rewards, valid).to(self.device),
+        )
 
-    def update_loss(self, context: dict, iteration: int, rows: slice | None = None) -> dict[str, torch.Tensor]:
+    def reference_policy(self, question_ids: list[str]) -> torch.Tensor | None:
+        """log pi_ref(. | x) of each question [B, N], computed when the fit started; None when kl_coef = 0."""
+        if self.hparams.kl_coef == 0:
+            return None
+        missing = [question for question in question_ids if question not in self.ref_log_policy]
+        if missing:
+            raise KeyError(f"no reference tag policy for questions {missing[:3]}: they were not in the "
+                           "training data when the fit started")
+        return torch.stack([self.ref_log_policy[question] for question in question_ids]).to(self.device)
+
+    def update_loss(self, update: GFPOUpdate, iteration: int, rows: slice | None = None) -> LossParts:
         hp = self.hparams
         with without_dropout(self.model):  # as pi_old (fork_policy_of, eval mode): the first ratio is exactly 1
-            log_policy = fork_log_policy(self.model, context["prompts"], self.fork_token_ids, self.tokenizer.pad_token_id)  # [B, N]
+            log_policy = fork_log_policy(self.model, update.prompts, self.fork_token_ids, self.tokenizer.pad_token_id)  # [B, N]
         if hp.tag_sampling == "stratified":
             num_tags = log_policy.shape[1]
-            one_hot = torch.nn.functional.one_hot(context["tags"], num_tags).float()  # [B, G, N]
-            weights = one_hot * context["valid"].unsqueeze(-1).float()  # [B, G, N]
+            one_hot = torch.nn.functional.one_hot(update.tags, num_tags).float()  # [B, G, N]
+            weights = one_hot * update.valid.unsqueeze(-1).float()  # [B, G, N]
             counts = weights.sum(dim=1)  # [B, N]
-            tag_rewards = (weights * context["rewards"].unsqueeze(-1)).sum(dim=1) / counts.clamp_min(1.0)  # [B, N]
-            return stratified_gfpo_loss(log_policy, context["ref"], tag_rewards, counts > 0, hp.kl_coef, hp.entropy_coef)
+            tag_rewards = (weights * update.rewards.unsqueeze(-1)).sum(dim=1) / counts.clamp_min(1.0)  # [B, N]
+            return stratified_gfpo_loss(log_policy, update.ref_log_policy, tag_rewards, counts > 0, hp.kl_coef, hp.entropy_coef)
         return gfpo_loss(
-            log_policy, context["old"], context["ref"], context["tags"], context["advantages"], context["valid"],
+            log_policy, update.old_log_policy, update.ref_log_policy, update.tags, update.advantages, update.valid,
             hp.clip_eps, hp.kl_coef, hp.entropy_coef,
         )

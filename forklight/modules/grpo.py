@@ -24,12 +24,26 @@ per-device batch with gradient accumulation; ``trainer.accumulate_grad_batches``
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
 from forklight.data.rendering import IGNORE_INDEX, Rows, assemble_rows
-from forklight.losses import GRPO_LOSS_TYPES, grpo_loss, grpo_normaliser, supervised_mask, token_nll
+from forklight.losses import GRPO_LOSS_TYPES, LossParts, grpo_loss, grpo_normaliser, supervised_mask, token_nll
 from forklight.modules.rl import RLModule, without_dropout
+
+
+@dataclass
+class GRPOUpdate:
+    """One step's scored rollouts as training rows, what the GRPO loss needs (S = B*G completions)."""
+
+    rows: Rows  # [S, T] each: prompt | tag | completion (labels only on the completion and its stop token)
+    mask: torch.Tensor  # [S, T-1] 1 on the supervised next tokens (0 for skipped samples)
+    advantages: torch.Tensor  # [S] one per completion
+    global_count: torch.Tensor  # [] the loss's denominator over every rank's batch (losses.grpo_normaliser)
+    chunks: list[slice]  # the row chunks of the update, as many on every rank
+    old_log_probs: torch.Tensor | None  # [S, T-1] log pi_old of each token; None when num_iterations = 1 (ratio 1)
+    ref_log_probs: torch.Tensor | None  # [S, T-1] log pi_ref of each token; None when kl_coef = 0
 
 
 class GRPOModule(RLModule):
@@ -53,7 +67,6 @@ class GRPOModule(RLModule):
             raise ValueError(f"model.loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
         if rollout_tag is not None and not 0 <= rollout_tag < len(self.fork_token_ids):
             raise ValueError(f"model.rollout_tag must be in [0, {len(self.fork_token_ids) - 1}] or null, got {rollout_tag}")
-        self.save_init_hyperparameters()
         self._reference: list = []  # the frozen starting model (kl_coef > 0), kept out of the module tree
 
     def on_model_built(self) -> None:  # starting weights (init_from) are loaded, no resume yet, not sharded
@@ -74,8 +87,8 @@ class GRPOModule(RLModule):
             logits = model(input_ids=rows.input_ids, use_cache=False).logits  # [S, T, V]; right padding needs no mask
         return -token_nll(logits, rows.labels, self.hparams.rollout_temperature)
 
-    def update_row_chunks(self, context: dict) -> list[slice]:
-        return context["chunks"]
+    def update_row_chunks(self, update: GRPOUpdate) -> list[slice]:
+        return update.chunks
 
     def row_chunks(self, num_rows: int) -> list[slice]:
         """Chunks of ``update_micro_batch_rows`` rows. Data parallel: as many on every rank (a rank with
@@ -92,7 +105,7 @@ class GRPOModule(RLModule):
         parts = [self.token_log_probs(model, row_chunk(rows, forward_rows(chunk))) for chunk in chunks]  # empty ones too
         return torch.cat([part for part, chunk in zip(parts, chunks) if chunk.start != chunk.stop])
 
-    def prepare_update(self, batch, batch_idx: int) -> dict:
+    def prepare_update(self, batch, batch_idx: int) -> GRPOUpdate:
         hp = self.hparams
         tag = hp.rollout_tag if hp.rollout_tag is not None else self.default_tag
         groups = self.rollouts(batch, [[tag] * hp.group_size for _ in batch.ids], batch_idx)
@@ -107,32 +120,29 @@ class GRPOModule(RLModule):
         rows = assemble_rows(prompts, [self.fork_token_ids[tag]] * len(prompts), continuations, self.tokenizer.pad_token_id)
         rows.labels[~valid.flatten().to(device)] = IGNORE_INDEX  # skipped samples get no loss
         mask = supervised_mask(rows.labels)  # [S, T-1]
-        context = {"rows": rows, "mask": mask, "old": None, "ref": None,
-                   "advantages": self.advantages(rewards, valid).flatten().to(device),  # [S]
-                   # the loss's denominator over every rank's batch (see losses.grpo_loss)
-                   "global_count": self.sum_over_ranks(grpo_normaliser(mask, hp.loss_type, hp.max_completion_tokens)),
-                   "chunks": self.row_chunks(len(mask))}
+        global_count = self.sum_over_ranks(grpo_normaliser(mask, hp.loss_type, hp.max_completion_tokens))
+        chunks = self.row_chunks(len(mask))
         with torch.no_grad():
-            if hp.num_iterations > 1:
-                context["old"] = self.chunk_log_probs(self.model, rows, context["chunks"])
-            if self.reference_model is not None:
-                context["ref"] = self.chunk_log_probs(self.reference_model, rows, context["chunks"])
-        return context
+            old = self.chunk_log_probs(self.model, rows, chunks) if hp.num_iterations > 1 else None
+            reference = self.reference_model
+            ref = self.chunk_log_probs(reference, rows, chunks) if reference is not None else None
+        return GRPOUpdate(rows=rows, mask=mask, advantages=self.advantages(rewards, valid).flatten().to(device),
+                          global_count=global_count, chunks=chunks, old_log_probs=old, ref_log_probs=ref)
 
-    def update_loss(self, context: dict, iteration: int, rows: slice | None = None) -> dict[str, torch.Tensor]:
+    def update_loss(self, update: GRPOUpdate, iteration: int, rows: slice | None = None) -> LossParts:
         """The loss of ``rows`` (a chunk of :meth:`update_row_chunks`; None = all rows), divided by the
         whole batch's ``global_count``. An empty chunk takes one row's passes with no loss."""
         hp = self.hparams
-        rows = rows if rows is not None else slice(0, context["mask"].shape[0])
+        rows = rows if rows is not None else slice(0, update.mask.shape[0])
         weight = 0.0 if rows.start == rows.stop else 1.0
         rows = forward_rows(rows)
-        log_probs = self.token_log_probs(self.model, row_chunk(context["rows"], rows))  # [s, T-1]
-        old = context["old"][rows] if context["old"] is not None else log_probs.detach()
-        ref = context["ref"][rows] if context["ref"] is not None else None
+        log_probs = self.token_log_probs(self.model, row_chunk(update.rows, rows))  # [s, T-1]
+        old = update.old_log_probs[rows] if update.old_log_probs is not None else log_probs.detach()
+        ref = update.ref_log_probs[rows] if update.ref_log_probs is not None else None
         return grpo_loss(
-            log_probs, old, ref, context["advantages"][rows], context["mask"][rows] * weight, hp.loss_type,
+            log_probs, old, ref, update.advantages[rows], update.mask[rows] * weight, hp.loss_type,
             hp.clip_eps, hp.kl_coef, hp.max_completion_tokens,
-            global_count=context["global_count"], world_size=self.trainer.world_size if self._trainer else 1,
+            global_count=update.global_count, world_size=self.trainer.world_size if self._trainer else 1,
         )
 
 

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from forklight.losses import group_advantages, merge_chunk_parts
+from forklight.losses import LossParts, group_advantages, merge_chunk_parts
 from forklight.modules.base import ForkModule
 from forklight.rollout import RolloutGroup, rollout_groups
+
+if TYPE_CHECKING:  # each method's hand-off from prepare_update to update_loss
+    from forklight.modules.gfpo import GFPOUpdate
+    from forklight.modules.grpo import GRPOUpdate
 
 
 @contextlib.contextmanager
@@ -87,7 +92,6 @@ class RLModule(ForkModule):
             raise ValueError(f"model.kl_coef must be >= 0, got {kl_coef}")
         if rollout_temperature < 0:
             raise ValueError(f"model.rollout_temperature must be >= 0 (0 = greedy), got {rollout_temperature}")
-        self.save_init_hyperparameters()
         self.automatic_optimization = False
 
     def configure_callbacks(self) -> list:
@@ -111,13 +115,16 @@ class RLModule(ForkModule):
 
     # ---- rollouts and rewards --------------------------------------------------------------
     def rollouts(self, batch, tags: list[list[int]], batch_idx: int) -> list[RolloutGroup]:
-        """Sample one completion per (question, tag) through the generation engine, with a seed fixed by
-        step, batch and rank."""
+        """Sample one completion per (question, tag) with a seed fixed by step, batch and rank."""
         hp = self.hparams
-        settings = self.sampling_settings(hp.rollout_temperature, hp.rollout_top_p, hp.max_completion_tokens,
-                                          seed=self._sampling_seed(batch_idx) + 1)
-        return rollout_groups(self.generation_engine(), batch.ids, batch.prompt_ids, tags, self.fork_token_ids,
-                              settings, self.generation_progress())
+        device = self.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self._sampling_seed(batch_idx) + 1)
+            return rollout_groups(
+                self.model, self.tokenizer, batch.ids, batch.prompt_ids, tags, self.fork_token_ids, self.stop_ids,
+                hp.max_completion_tokens, hp.rollout_temperature, hp.rollout_top_p, hp.generation_batch_size,
+                progress=getattr(self, "generation_progress", None),  # set by callbacks.GenerationProgress
+            )
 
     def rewards(self, batch, groups: list[RolloutGroup]) -> tuple[torch.Tensor, torch.Tensor]:
         """(rewards, valid), both [B, G]: verifier scores; ``valid`` False where it returned None.
@@ -150,37 +157,37 @@ class RLModule(ForkModule):
         self.log("rollout/skipped_frac", float((~valid).float().mean()), batch_size=size)
 
     # ---- the update loop ---------------------------------------------------------------------
-    def update_loss(self, context: dict, iteration: int, rows: slice | None = None) -> dict[str, torch.Tensor]:
-        """The method's loss on this step's rollouts (with gradient); ``context`` from ``prepare_update``.
+    def update_loss(self, update: GFPOUpdate | GRPOUpdate, iteration: int, rows: slice | None = None) -> LossParts:
+        """The method's loss on this step's rollouts (with gradient); ``update`` from ``prepare_update``.
         ``rows``: one chunk of :meth:`update_row_chunks` (None: all), its loss divided as the whole batch's."""
         raise NotImplementedError
 
-    def update_row_chunks(self, context: dict) -> list[slice | None]:
+    def update_row_chunks(self, update: GFPOUpdate | GRPOUpdate) -> list[slice | None]:
         """Row chunks of the update, one backward each; their gradients add up to the whole batch's.
         Default: one backward over everything."""
         return [None]
 
-    def prepare_update(self, batch, batch_idx: int) -> dict:
-        """Generate and score this step's rollouts; return what ``update_loss`` needs."""
+    def prepare_update(self, batch, batch_idx: int) -> GFPOUpdate | GRPOUpdate:
+        """Generate and score this step's rollouts; return what ``update_loss`` needs (the method's dataclass)."""
         raise NotImplementedError
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         started = time.perf_counter()
-        context = self.prepare_update(batch, batch_idx)
+        update = self.prepare_update(batch, batch_idx)
         generated = time.perf_counter()
         for iteration in range(hp.num_iterations):
             optimizer.zero_grad(set_to_none=True)
             chunks, skipped = [], False
-            for rows in self.update_row_chunks(context):  # as many on every rank
-                chunk = self.update_loss(context, iteration, rows)
-                skipped = self.skip_nonfinite(chunk["loss"], batch, batch_idx)  # decided alike on every rank
+            for rows in self.update_row_chunks(update):  # as many on every rank
+                chunk = self.update_loss(update, iteration, rows)
+                skipped = self.skip_nonfinite(chunk.loss, batch, batch_idx)  # decided alike on every rank
                 if skipped:  # no update: drop what earlier chunks added
                     optimizer.zero_grad(set_to_none=True)
                     break
-                self.manual_backward(chunk["loss"])
-                chunks.append({key: value.detach() for key, value in chunk.items()})
+                self.manual_backward(chunk.loss)
+                chunks.append(chunk.detached())
             if not skipped and hp.max_grad_norm is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()  # the step counts towards max_steps either way, as with SSFT
@@ -189,10 +196,10 @@ class RLModule(ForkModule):
         size = len(batch)
         if not skipped:  # all ranks or none: the mean over ranks (each has its own questions) is safe
             parts = merge_chunk_parts(chunks)  # the last iteration's, over the whole batch
-            self.log("train/loss", parts["loss"], prog_bar=True, batch_size=size, sync_dist=True)
+            self.log("train/loss", parts.loss, prog_bar=True, batch_size=size, sync_dist=True)
             for key in ("kl", "clip_frac", "entropy"):
-                if key in parts:
-                    self.log(f"train/{key}", parts[key], batch_size=size)
+                if getattr(parts, key) is not None:
+                    self.log(f"train/{key}", getattr(parts, key), batch_size=size)
         self.log("train/nonfinite_skipped", float(self.fault_counts["nonfinite_skipped"]), batch_size=size)
         self.log("perf/step_s/generate", generated - started, batch_size=size)
         self.log("perf/step_s/update", updated - generated, batch_size=size)

@@ -94,7 +94,6 @@ class SSFTModule(ForkModule):
             raise ValueError(f"model.match_chunk_rows must be >= 1, got {match_chunk_rows}")
         if match_dtype is not None and match_dtype not in MATCH_DTYPES:
             raise ValueError(f"model.match_dtype must be one of {sorted(MATCH_DTYPES)} or null, got {match_dtype!r}")
-        self.save_init_hyperparameters()
         self.last_assignments: list[tuple[list[str | None], list[int]]] = []  # (sources, tags) per question
         self.last_match_cost_gap: float | None = None  # per trace: random-assignment cost - matched cost
         self._cache_reuse: CacheReuse | None = None  # probed on first use (cache_reuse)
