@@ -1,12 +1,14 @@
 """``GenerationProgress``: show how far sampling has got on Lightning's progress bar.
 
 Evaluation (every tag of every question) and RL rollouts generate in chunks of
-``generation_batch_size`` sequences; a validation batch can take minutes. This callback sets
-``pl_module.generation_progress``, which ``ForkModule.evaluate_batch`` and ``RLModule.rollouts``
-pass to :func:`forklight.rollout.generate_completions`; after each chunk it writes
+``generation_batch_size`` sequences; a validation batch can take minutes. The module reports
+progress through a callback hook of its own: after each chunk the generation engine calls
+``on_generation_progress(trainer, pl_module, done, total)`` of every trainer callback that has it
+(:meth:`forklight.modules.base.ForkModule.generation_progress`). This one writes
 ``generating done/total`` (sequences) on the active bar (train, validation, test or predict):
 the postfix of a ``TQDMProgressBar`` bar, the description of a ``RichProgressBar`` task (the
-default bar when ``rich`` is installed). With no progress bar it does nothing.
+default bar when ``rich`` is installed). With no progress bar it does nothing. It only observes:
+sampling is the same with or without it.
 """
 
 from __future__ import annotations
@@ -24,21 +26,10 @@ _SUFFIX = " · generating "
 class GenerationProgress(L.Callback):
     def __init__(self) -> None:
         """Generation progress (sequences done / total) on the progress bar."""
-        self._trainer: L.Trainer | None = None
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._trainer = trainer
-        pl_module.generation_progress = self.report
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if getattr(pl_module, "generation_progress", None) == self.report:
-            del pl_module.generation_progress
-        self._trainer = None
-
-    def report(self, done: int, total: int) -> None:
-        """Called by ``generate_completions`` after each chunk; clears the note when ``done == total``."""
-        trainer = self._trainer
-        if trainer is None or not trainer.is_global_zero or trainer.state.stage is None:
+    def on_generation_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, done: int, total: int) -> None:
+        """Called after each chunk of sequences generated; clears the note when ``done == total``."""
+        if not trainer.is_global_zero or trainer.state.stage is None:
             return
         stage, bar_callback = trainer.state.stage.value, trainer.progress_bar_callback
         note = f"{done}/{total}" if done < total else None

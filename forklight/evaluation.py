@@ -1,13 +1,14 @@
 """Evaluation aggregation (DESIGN.md §2): per-question samples to per-tag and overall metrics.
 
-Pure and Lightning-free; :class:`forklight.modules.base.ForkModule` samples the completions
-and calls :func:`evaluation_metrics` with its settings.
+Pure and Lightning-free; :class:`forklight.modules.evaluating.Evaluator` samples the completions,
+regroups them with :func:`question_evaluations` (or :func:`prediction_rows` for ``forklight
+predict``) and calls :func:`evaluation_metrics` with the module's settings.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,92 @@ class QuestionEvaluation:
     texts: list[list[str]]  # [N][n]
     strategies: list[list[str | None]] = field(default_factory=list)  # [N][n] if a classifier is set
     policy: list[float] = field(default_factory=list)  # [N] the model's tag distribution pi(i | x)
+
+
+def every_tag(num_tags: int, n_per_tag: int) -> list[int]:
+    """The tags of one question's evaluation samples, ``n_per_tag`` after each tag: [N * n], ordered [tag, sample]."""
+    return [tag for tag in range(num_tags) for _ in range(n_per_tag)]
+
+
+def question_evaluations(
+    ids: Sequence[str],
+    gold: Sequence[str | None],
+    texts: Sequence[str],
+    lengths: Sequence[int],
+    scores: Sequence[float | None],
+    policy: Sequence[list[float]],
+    num_tags: int,
+    n_per_tag: int,
+    extract_answer: Callable[[str], str | None],
+    classify_strategy: Callable[[str], str | None] | None = None,
+) -> list[QuestionEvaluation]:
+    """Flat samples [B * N * n], ordered [question, tag, sample] (:func:`every_tag` per question),
+    regrouped per question as [tag][sample]; ``policy`` [B][N] is each question's tag distribution."""
+    n, per_question = n_per_tag, num_tags * n_per_tag
+
+    def grid(values: Iterable) -> list[list]:  # flat [N * n] -> [N][n]
+        values = list(values)
+        return [values[t * n : (t + 1) * n] for t in range(num_tags)]
+
+    results = []
+    for q, question_id in enumerate(ids):
+        block = slice(q * per_question, (q + 1) * per_question)
+        results.append(
+            QuestionEvaluation(
+                id=question_id,
+                answer=gold[q],
+                scores=grid(scores[block]),
+                answers=grid(extract_answer(text) for text in texts[block]),
+                lengths=grid(lengths[block]),
+                texts=grid(texts[block]),
+                strategies=grid(classify_strategy(text) for text in texts[block]) if classify_strategy else [],
+                policy=policy[q],
+            )
+        )
+    return results
+
+
+def prediction_rows(
+    ids: Sequence[str],
+    gold: Sequence[str | None],
+    tags: Sequence[Sequence[int]],
+    texts: Sequence[str],
+    lengths: Sequence[int],
+    scores: Sequence[float | None],
+    policy: Sequence[list[float]],
+    tag_names: Sequence[str],
+    extract_answer: Callable[[str], str | None],
+    chosen_by: str,
+    default_tag: int,
+    n_per_tag: int,
+) -> list[dict]:
+    """One ``forklight predict`` row per sample (flat [sum of len(tags[q])], ordered [question, sample]).
+
+    ``chosen_by``: ``all`` (``tags[q]`` is :func:`every_tag`; samples numbered per tag) or the fork
+    policy that chose ``tags[q]`` (samples numbered per question).
+    """
+    rows, position = [], 0
+    for q, question_id in enumerate(ids):
+        for sample, tag in enumerate(tags[q]):
+            text, score = texts[position], scores[position]
+            rows.append({
+                "id": question_id, "tag": tag_names[tag], "tag_index": tag, "tag_prob": policy[q][tag],
+                "chosen_by": chosen_by, "sample": sample % n_per_tag if chosen_by == "all" else sample,
+                "completion": text, "answer": extract_answer(text), "gold": gold[q], "score": score,
+                "length": lengths[position], "default_tag": tag == default_tag,
+            })
+            position += 1
+    return rows
+
+
+def unique_questions(evaluations: Iterable[QuestionEvaluation]) -> list[QuestionEvaluation]:
+    """Each question's first evaluation, in order (ranks' distributed samplers may pad with repeats)."""
+    seen, unique = set(), []
+    for evaluation in evaluations:
+        if evaluation.id not in seen:
+            seen.add(evaluation.id)
+            unique.append(evaluation)
+    return unique
 
 
 def choose_tags(policy: np.ndarray, fork_policy: str, samples: int, rng: np.random.Generator,

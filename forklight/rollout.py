@@ -1,8 +1,15 @@
-"""Generation engine: batched sampling of completions after a given (prompt + tag) prefix.
+"""Generation engines: batched sampling of completions after given (prompt + tag) prefixes.
 
-All prefixes of a call are generated in as few ``generate`` calls as ``batch_size`` allows, with
-left padding and the KV cache; the tag is placed by forklight, never left to the sampler.
-Generation keeps no autograd state.
+Every call site (evaluation, predict, GFPO and GRPO rollouts) samples through one protocol,
+:class:`GenerationEngine`: ``engine.generate(prefixes, settings) -> list[Completion]``, with
+token-id prefixes (the tag is placed by forklight, never left to the sampler) and every sampling
+choice in :class:`SamplingSettings`, the seed included. ``model.engine`` picks the engine from
+:data:`ENGINES`; ``hf`` (:class:`HFEngine`, transformers' ``generate`` on the training model) is
+the default. A new engine is one class with that ``generate`` and an ``(model, tokenizer)``
+constructor, added to :data:`ENGINES`.
+
+``HFEngine`` generates all prefixes of a call in as few ``generate`` calls as ``batch_size``
+allows, with left padding and the KV cache, and keeps no autograd state.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -32,6 +40,29 @@ class Completion:
     def sampled_ids(self) -> list[int]:
         """Every sampled token, the stop token included (what an RL loss scores)."""
         return self.token_ids + ([self.stop_token] if self.stop_token is not None else [])
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How an engine samples: everything it may use, and nothing else (no checkpoint defaults)."""
+
+    temperature: float  # 0 = greedy
+    top_p: float  # nucleus threshold (ignored when greedy)
+    max_new_tokens: int
+    stop_ids: Sequence[int]  # a completion ends at the first of these
+    suppress_ids: Sequence[int] = ()  # never generated (forklight passes the fork tokens)
+    seed: int | None = None  # seeds the engine's sampler for this call; None: the global RNG as it is
+    batch_size: int = 256  # sequences per engine call (``model.generation_batch_size``)
+
+
+Progress = Callable[[int, int], None]  # progress(done, total) in sequences, after each chunk
+
+
+class GenerationEngine(Protocol):
+    """Samples one completion per prefix (prompt ids + tag id), in order."""
+
+    def generate(self, prefixes: Sequence[Sequence[int]], settings: SamplingSettings,
+                 progress: Progress | None = None) -> list[Completion]: ...
 
 
 @dataclass
@@ -116,10 +147,10 @@ def generate_completions(
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 256,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     suppress_ids: Sequence[int] = (),
 ) -> list[Completion]:
-    """Sample one completion per prefix (prefix = prompt ids + tag id). Order is preserved.
+    """Sample one completion per prefix (prefix = prompt ids + tag id), in order: :class:`HFEngine`'s sampler.
 
     ``suppress_ids`` can never be generated (forklight passes the fork tokens: a completion
     never contains a tag, whatever a GFPO update did to their output rows).
@@ -161,29 +192,57 @@ def generate_completions(
     return completions  # type: ignore[return-value]
 
 
+class HFEngine:
+    """transformers' ``generate`` on the training model itself (no copy, so no weight sync).
+
+    Seeding: with ``settings.seed`` set, the call samples from ``torch.manual_seed(seed)`` inside
+    ``torch.random.fork_rng`` (the model's CUDA device included), so the global RNG state is the
+    same after the call as before it. A sharded model (FSDP2, FSDP) generates in step on every rank
+    (``synced_gpus``, see :func:`generate_completions`).
+    """
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def generate(self, prefixes: Sequence[Sequence[int]], settings: SamplingSettings,
+                 progress: Progress | None = None) -> list[Completion]:
+        device = next(self.model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            return generate_completions(
+                self.model, self.tokenizer, prefixes, settings.stop_ids, settings.max_new_tokens,
+                settings.temperature, settings.top_p, settings.batch_size, progress=progress,
+                suppress_ids=settings.suppress_ids,
+            )
+
+
+ENGINES: dict[str, type] = {"hf": HFEngine}  # model.engine -> class(model, tokenizer)
+
+
+def engine_class(name: str) -> type:
+    """The engine class ``model.engine`` names; an unknown name is an error listing the choices."""
+    if name not in ENGINES:
+        raise ValueError(f"model.engine must be one of {sorted(ENGINES)} (generation engines), got {name!r}")
+    return ENGINES[name]
+
+
 def rollout_groups(
-    model,
-    tokenizer,
+    engine: GenerationEngine,
     question_ids: Sequence[str],
     prompt_ids: Sequence[Sequence[int]],
     tags: Sequence[Sequence[int]],
     fork_token_ids: Sequence[int],
-    stop_ids: Sequence[int],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 256,
-    progress: Callable[[int, int], None] | None = None,
+    settings: SamplingSettings,
+    progress: Progress | None = None,
 ) -> list[RolloutGroup]:
     """One group per question: a completion after ``prompt + fork_token_ids[tag]`` for each of its
-    tags (``tags``: B lists of G tag indices). All B*G completions share ``generate`` calls."""
+    tags (``tags``: B lists of G tag indices). All B*G completions share one engine call."""
     prefixes = [
         [int(t) for t in prompt] + [fork_token_ids[tag]] for prompt, group in zip(prompt_ids, tags) for tag in group
     ]
-    completions = generate_completions(
-        model, tokenizer, prefixes, stop_ids, max_new_tokens, temperature, top_p, batch_size, progress,
-        suppress_ids=fork_token_ids,
-    )
+    completions = engine.generate(prefixes, settings, progress)
     groups, offset = [], 0
     for question_id, prompt, group in zip(question_ids, prompt_ids, tags, strict=True):
         groups.append(RolloutGroup(question_id, [int(t) for t in prompt], list(group), completions[offset : offset + len(group)]))

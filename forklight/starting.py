@@ -1,8 +1,9 @@
 """Where a run starts (``model.init_from``): a forklight export or checkpoint, or a glob of them.
 
-Resolved once into the model identity it fixes (``IDENTITY_KEYS``: weights come from there,
-tokenizer, fork tokens); the CLI uses :func:`tokenizer_name` to give the data module the same
-tokenizer.
+Resolved once (:func:`resolve_init_from`) into a :class:`StartingPoint`: the model identity it
+fixes (``IDENTITY_KEYS``: weights come from there, tokenizer, fork tokens), which the module saves
+as its hyperparameters, and the weights a checkpoint holds (:meth:`StartingPoint.load_weights`).
+The CLI uses :func:`tokenizer_name` to give the data module the same tokenizer.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,11 +22,53 @@ IDENTITY_KEYS = ("name_or_path", "gguf_file", "model_config", "tokenizer", "num_
 METADATA_FILE = "forklight.json"  # written by forklight.callbacks.HFExport next to the weights
 
 
-def resolve_init_from(init_from: str) -> dict:
-    """Where a run starts: ``{"path", "kind": "export"|"checkpoint", "identity": {...}, "metadata"}``.
+@dataclass(frozen=True)
+class StartingPoint:
+    """A resolved ``model.init_from``."""
 
-    ``init_from`` is an HF export dir (with ``forklight.json``), a Lightning ``.ckpt``, or a glob
-    of either (the newest match wins, e.g. ``runs/ssft/version_*/export``).
+    path: str  # the export dir or .ckpt (a glob's newest match); saved, so a resume finds the same one
+    kind: str  # "export" or "checkpoint"
+    identity: dict  # what it fixes about the model: the IDENTITY_KEYS it has
+    metadata: dict = field(default_factory=dict)  # an export's forklight.json ({} for a checkpoint)
+
+    def hyperparameters(self, num_fork_tokens: int) -> dict:
+        """The hyperparameters it fixes (identity, resolved ``init_from`` and tokenizer), after checking
+        that the config asks for as many fork tokens as it has."""
+        start_tags = self.identity.get("num_fork_tokens", 6)
+        if num_fork_tokens != start_tags:
+            raise ValueError(
+                f"model.num_fork_tokens={num_fork_tokens} but model.init_from={self.path} has {start_tags} fork "
+                f"tokens; set model.init_args.num_fork_tokens={start_tags}"
+            )
+        identity = self.identity
+        tokenizer = tokenizer_name(identity.get("tokenizer"), identity.get("name_or_path"), gguf_file=identity.get("gguf_file"))
+        return {**identity, "init_from": self.path, "tokenizer": tokenizer}
+
+    @property
+    def tag_coverage(self) -> list[float] | None:
+        """An export's traces per tag (its default tag carries over); a checkpoint's is in its weights."""
+        return self.metadata.get("tag_coverage") or None
+
+    def load_weights(self, module: torch.nn.Module) -> None:
+        """Into ``module``: a checkpoint's model weights and tag coverage (a resume then loads over them).
+        An export's weights are loaded when its model is built (``name_or_path``); nothing to do here."""
+        if self.kind != "checkpoint":
+            return
+        state = torch.load(self.path, weights_only=True, map_location="cpu", mmap=True)["state_dict"]
+        wanted = {key: value for key, value in state.items() if key.startswith("model.") or key == "tag_coverage"}
+        missing = [key for key in module.state_dict() if key.startswith("model.") and key not in wanted]
+        if any("lora_" in key for key in wanted):
+            raise ValueError(f"model.init_from={self.path} is a checkpoint of a LoRA run; start from its export "
+                             "(merged weights: runs/<name>/version_<k>/export) instead")
+        if missing:
+            raise ValueError(f"model.init_from={self.path} lacks {len(missing)} model weights (e.g. {missing[:3]}); "
+                             "is it a checkpoint of this model?")
+        module.load_state_dict(wanted, strict=False)
+
+
+def resolve_init_from(init_from: str) -> StartingPoint:
+    """Where a run starts. ``init_from`` is an HF export dir (with ``forklight.json``), a Lightning
+    ``.ckpt``, or a glob of either (the newest match wins, e.g. ``runs/ssft/version_*/export``).
     """
     path = init_from
     if any(char in init_from for char in "*?["):
@@ -43,11 +87,10 @@ def resolve_init_from(init_from: str) -> dict:
             metadata = json.load(handle)
         identity = {"name_or_path": path, "gguf_file": None, "tokenizer": path, "model_config": None,
                     "num_fork_tokens": len(metadata["fork_tokens"])}
-        return {"path": path, "kind": "export", "identity": identity, "metadata": metadata}
+        return StartingPoint(path, "export", identity, metadata)
     if os.path.isfile(path):
         saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
-        identity = {key: saved[key] for key in IDENTITY_KEYS if key in saved}
-        return {"path": path, "kind": "checkpoint", "identity": identity, "metadata": {}}
+        return StartingPoint(path, "checkpoint", {key: saved[key] for key in IDENTITY_KEYS if key in saved})
     raise FileNotFoundError(f"model.init_from={path!r} does not exist (expected an export dir or a .ckpt file)")
 
 
@@ -60,7 +103,7 @@ def tokenizer_name(
         return tokenizer
     if init_from:
         try:
-            identity = resolve_init_from(init_from)["identity"]
+            identity = resolve_init_from(init_from).identity
         except FileNotFoundError:  # e.g. --print_config before the starting run exists; the module reports it
             pass
         else:

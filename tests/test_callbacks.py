@@ -144,9 +144,9 @@ def test_generation_progress_writes_on_the_active_bar():
                               progress_bar_callback=bars)
     module, callback = SimpleNamespace(), GenerationProgress()
     callback.setup(trainer, module, "fit")
-    module.generation_progress(2, 5)
+    callback.on_generation_progress(trainer, module, 2, 5)
     assert bars.val_progress_bar.postfix == "generating 2/5"
-    module.generation_progress(5, 5)
+    callback.on_generation_progress(trainer, module, 5, 5)
     assert not bars.val_progress_bar.postfix
     callback.teardown(trainer, module, "fit")
-    assert not hasattr(module, "generation_progress")
+    assert not hasattr(module, "generation_progress")  # it observes: nothing is set on the module

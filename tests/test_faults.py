@@ -23,6 +23,7 @@ from forklight.data.datamodule import ForkDataModule, ToyTask
 from forklight.data.records import RecordError
 from forklight.data.rendering import load_tokenizer
 from forklight.losses import LossParts
+from forklight.rewards import gold_answer_parser
 from tests.conftest import (
     CONFIGS,
     REPO,
@@ -79,7 +80,8 @@ def _setup(tmp_path: Path, split: str, rows: list, on_bad_record: str, **options
     data = ForkDataModule(train=paths["train"], val=paths.get("val"), tokenizer="toy", num_fork_tokens=3,
                           on_bad_record=on_bad_record, **options)
     data.setup("fit")
-    _ssft_module().check_gold_answers(data)
+    module = _ssft_module()  # what the module hands over at setup
+    data.check_gold_answers(gold_answer_parser(module.verifier, module.extract_answer), module.GOLD_ANSWER_SPLITS)
     return data
 
 
@@ -160,9 +162,9 @@ def test_a_verifier_that_hangs_or_raises_scores_zero_and_is_counted(tmp_path, ve
     assert module.fault_counts == {counter: 2 * 6}
     assert torch.isfinite(module.update_loss(update, 0).loss)
 
-    evaluations = module.evaluate_batch(batch)  # evaluation: every (question, tag) sample scores 0
+    evaluations = module.evaluator.evaluate_batch(batch)  # evaluation: every (question, tag) sample scores 0
     assert all(score == 0.0 for e in evaluations for row in e.scores for score in row)
-    assert module._evaluation_faults == {counter: 2 * 3}
+    assert module.evaluator.faults == {counter: 2 * 3}
 
 
 def test_hung_verifier_calls_do_not_pile_up(monkeypatch):

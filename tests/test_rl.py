@@ -267,12 +267,12 @@ def test_completions_never_contain_a_fork_token(tiny_ssft, monkeypatch):
     prefixes = [p.tolist() + [module.fork_token_ids[0]] for p in toy_batch(2).prompt_ids]
     free = generate_completions(module.model, module.tokenizer, prefixes, module.stop_ids, 12, 1.0)
     assert any(t in module.fork_token_ids for c in free for t in c.token_ids)  # the test can fail
-    import forklight.modules.base as base
+    import forklight.rollout as rollout
 
     seen = {}
-    real = base.generate_completions
-    monkeypatch.setattr(base, "generate_completions", lambda *a, **k: seen.update(k) or real(*a, **k))
-    module.evaluate_batch(toy_batch(1))
+    real = rollout.generate_completions
+    monkeypatch.setattr(rollout, "generate_completions", lambda *a, **k: seen.update(k) or real(*a, **k))
+    module.evaluator.evaluate_batch(toy_batch(1))
     assert seen["suppress_ids"] == module.fork_token_ids  # the evaluation loop suppresses them
     suppressed = generate_completions(module.model, module.tokenizer, prefixes, module.stop_ids, 12, 1.0,
                                       suppress_ids=module.fork_token_ids)

@@ -1,7 +1,8 @@
 """``ForkDataModule``: multi-trace questions, grouped per question, for every forklight module.
 
 Reads records (files, a ``datasets`` name/dir, or the embedded toy task), validates every record
-at setup, renders and tokenises them once, and serves :class:`TraceSetBatch` batches: whole
+at setup (and the gold answers, with the parser the model hands to :meth:`ForkDataModule.check_gold_answers`),
+renders and tokenises them once, and serves :class:`TraceSetBatch` batches: whole
 questions with their trace sets, so SSFT can match a question's traces to tags and RL modules
 can use the prompts and answers. Questions of similar length are batched together (dynamic
 padding happens when the module assembles rows).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -311,8 +313,8 @@ class ForkDataModule(L.LightningDataModule):
         self.max_traces = max_traces if max_traces is not None else num_fork_tokens
         self.tokenizer = None
         self.datasets: dict[str, QuestionDataset] = {}
-        self.reports: list[str] = []
-        self.validation: dict[str, SplitValidation] = {}  # per split, printed at setup (model.setup adds answers)
+        # What validation did, per split: printed at setup, completed by check_gold_answers.
+        self.validation: dict[str, SplitValidation] = {}
 
     # ---- reading -------------------------------------------------------------------------
     def _read(self, path: str, split: str) -> list[QuestionRecord]:
@@ -320,7 +322,6 @@ class ForkDataModule(L.LightningDataModule):
             path, fields=self.fields, layout=self.hparams.layout, on_bad_record=self.hparams.on_bad_record,
             questions_only=split == "predict",
         )
-        self.reports.append(report.summary())
         self.validation.setdefault(split, SplitValidation()).skipped.update(report.skip_reasons)
         for message in report.skipped:
             log.warning("skipped bad record: %s", message)
@@ -341,7 +342,6 @@ class ForkDataModule(L.LightningDataModule):
             records = generate_toy_records(total, toy.seed, toy.min_terms, toy.max_terms, toy.min_digits, toy.max_digits)
         except ValueError as error:  # the toy's own option checks
             raise ConfigError(f"data.toy: {error}") from error
-        self.reports.append(f"toy task: {toy.num_train} train, {toy.num_val} val, {toy.num_test} test questions")
         splits = {
             "train": records[: toy.num_train],
             "val": records[toy.num_train : toy.num_train + toy.num_val],
@@ -374,7 +374,7 @@ class ForkDataModule(L.LightningDataModule):
     def _render(self, records: list[QuestionRecord], split: str) -> list[RenderedQuestion]:
         hp = self.hparams
         end_id = end_of_turn_id(self.tokenizer, hp.end_token)
-        questions, skipped = [], 0
+        questions = []
         validation = self.validation.setdefault(split, SplitValidation())
         for record in records:
             try:
@@ -393,7 +393,6 @@ class ForkDataModule(L.LightningDataModule):
             except RecordError as error:
                 if hp.on_bad_record == "error":
                     raise
-                skipped += 1
                 validation.skipped[error.reason] += 1
                 log.warning("skipped bad record: %s", error)
                 continue
@@ -409,7 +408,6 @@ class ForkDataModule(L.LightningDataModule):
                 trace_ids.append(ids)
                 sources.append(trace.source)
             if record.traces and not trace_ids:  # every trace was overlong (data.overlong=skip)
-                skipped += 1
                 validation.skipped["overlong"] += 1
                 continue
             questions.append(
@@ -434,8 +432,6 @@ class ForkDataModule(L.LightningDataModule):
         if validation.dropped_traces:
             log.warning("%s: %d traces longer than data.max_length=%d were skipped (%d tokens; data.overlong=skip)",
                         split, validation.dropped_traces, hp.max_length, validation.dropped_tokens)
-        self.reports.append(f"{split}: {len(questions)} questions, {validation.truncated_traces} traces truncated, "
-                            f"{validation.dropped_traces} overlong traces skipped, {skipped} skipped")
         validation.questions = len(questions)
         return questions
 
@@ -471,8 +467,6 @@ class ForkDataModule(L.LightningDataModule):
         if not self.datasets["train"].questions and stage in (None, "fit"):
             raise ConfigError("no training questions left after validation; check the data, data.on_bad_record "
                               "and data.overlong")
-        for line in self.reports:
-            log.info("data: %s", line)
         rank_zero_info(self.validation_summary())
 
     def validation_summary(self) -> str:
@@ -480,6 +474,48 @@ class ForkDataModule(L.LightningDataModule):
         lines = [f"forklight data validation (data.on_bad_record={self.hparams.on_bad_record}):"]
         lines += [f"  {split}: {report.summary()}" for split, report in self.validation.items()]
         return "\n".join(lines)
+
+    def validation_counts(self) -> dict[str, int]:
+        """``data/{split}/questions`` and ``data/{split}/skipped/{reason}``, for the logger."""
+        counts = {f"data/{split}/questions": report.questions for split, report in self.validation.items()}
+        return counts | {f"data/{split}/skipped/{reason}": n for split, report in self.validation.items()
+                         for reason, n in report.skipped.items()}
+
+    def check_gold_answers(self, parse: Callable[[str], object] | None, splits: Sequence[str]) -> None:
+        """Every gold answer of ``splits`` (those the model's verifier scores) must be readable by
+        ``parse``, the verifier's gold-answer parser (None: a user verifier that cannot tell; not checked).
+
+        The model hands it over at its setup (:meth:`forklight.modules.base.ForkModule.setup`). Missing
+        or unparseable answers raise, naming the question and its file:line, or under
+        ``data.on_bad_record: skip`` are dropped and counted (``missing_answer``, ``unparseable_answer``).
+        """
+        if parse is None:
+            return
+        for split in splits:
+            dataset = self.datasets.get(split)
+            if dataset is None:
+                continue
+            kept, bad = [], Counter()
+            for question in dataset.questions:
+                reason = "missing_answer" if question.answer is None else (
+                    "unparseable_answer" if parse(question.answer) is None else None)
+                if reason is None:
+                    kept.append(question)
+                    continue
+                if self.hparams.on_bad_record != "skip":
+                    what = ("has no gold answer" if question.answer is None
+                            else f"has a gold answer {question.answer!r} that model.verifier cannot parse")
+                    raise RecordError(f"{question.location or split}: question '{question.id}' ({split} split) {what}; "
+                                      "fix the answer, choose a model.verifier that reads it, or set "
+                                      "data.on_bad_record=skip", reason)
+                bad[reason] += 1
+            if bad:
+                dataset.questions[:] = kept
+                if split in self.validation:
+                    self.validation[split].skipped.update(bad)
+                    self.validation[split].questions = len(kept)
+                rank_zero_info(f"forklight data validation: {split}: skipped "
+                               + ", ".join(f"{n} {reason}" for reason, n in sorted(bad.items())))
 
     # ---- loaders -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

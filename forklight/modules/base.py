@@ -1,10 +1,13 @@
 """``ForkModule``: what every forklight method shares.
 
 Model and tokenizer setup (any Hugging Face causal LM, or a tiny Llama-style model built from a
-config), the forking tokens, the optimiser and schedule, and the evaluation loop of DESIGN.md §2:
-for every question and every tag, ``n_per_tag`` samples, scored by the verifier, reported per tag
-and overall (pass@1, pass@k, cons@N, purity, length, distinctness). Methods (SSFT, GFPO, GRPO)
-subclass it and add their ``training_step``. Under FSDP2 (``configs/strategies/fsdp2.yaml``)
+config; ``init_from`` a forklight run: :mod:`forklight.starting`), the forking tokens, the
+optimiser and schedule, checkpoint hooks, training faults (verifier failures, non-finite losses),
+and the generation engine (``model.engine``, :mod:`forklight.rollout`) through which every
+completion is sampled. Validation, test and predict run the evaluation loop of DESIGN.md §2
+(:class:`~forklight.modules.evaluating.Evaluator`). SSFT subclasses it with its ``training_step``;
+GFPO and GRPO subclass :class:`~forklight.modules.rl.RLModule`, which holds the RL training step,
+and add how they roll out and what they optimise. Under FSDP2 (``configs/strategies/fsdp2.yaml``)
 ``configure_model`` shards the model's transformer blocks (DESIGN.md §7, ``forklight/sharding.py``).
 """
 
@@ -17,22 +20,20 @@ from collections import Counter
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
-from forklight.data.records import RecordError
+from forklight.data.datamodule import ForkDataModule
 from forklight.data.rendering import TraceSetBatch, end_of_turn_id, load_tokenizer
-from forklight.evaluation import QuestionEvaluation, choose_tags, evaluation_metrics, used_tags
+from forklight.evaluation import QuestionEvaluation
 from forklight.forking import add_fork_tokens, fork_log_policy, fork_token_names, init_fork_embeddings
 from forklight.models import DTYPES, apply_lora, build_causal_lm, check_gguf, keep_master_weights, lora_settings
+from forklight.modules.evaluating import Evaluator, check_evaluation_settings
 from forklight.rewards import gold_answer_parser, resolve_callable, resolve_verifier, run_verifier
-from forklight.rollout import generate_completions
+from forklight.rollout import GenerationEngine, Progress, SamplingSettings, engine_class
 from forklight.sharding import fully_shard_model
 from forklight.starting import resolve_init_from, tokenizer_name
 
-FORK_POLICIES = ("learned", "argmax", "coverage", "fixed", "uniform")
 ON_NONFINITE = ("error", "skip")
-PREDICT_TAGS = ("all", "policy")
 
 
 class ForkModule(L.LightningModule):
@@ -64,6 +65,7 @@ class ForkModule(L.LightningModule):
         eval_top_p: float = 1.0,
         max_new_tokens: int = 256,
         generation_batch_size: int = 256,
+        engine: str = "hf",
         pass_k: int | None = None,
         fork_policy: str = "coverage",
         fixed_tag: int = 0,
@@ -109,6 +111,8 @@ class ForkModule(L.LightningModule):
             eval_top_p: evaluation nucleus sampling threshold.
             max_new_tokens: longest evaluation completion.
             generation_batch_size: sequences per ``generate`` call.
+            engine: generation engine of every completion (evaluation, predict, RL rollouts): ``hf``
+                (transformers' ``generate`` on the training model); choices in ``forklight.rollout.ENGINES``.
             pass_k: k of ``val/pass@k`` and ``val/cons@{k}`` (default: all samples of a question, N * n_per_tag).
             fork_policy: single-shot tag choice for ``val/pass@1``: ``learned`` (sample from the model's tag
                 distribution), ``argmax`` (its most likely tag), ``coverage`` (default tag), ``fixed``, ``uniform``.
@@ -126,20 +130,10 @@ class ForkModule(L.LightningModule):
             seed: seed of the fork-token initialisation, fresh weights, matching and sampling.
         """
         super().__init__()
-        self._init_source = resolve_init_from(init_from) if init_from else None
+        self.starting_point = resolve_init_from(init_from) if init_from else None  # a forklight run this one starts from
         self._hparam_overrides = {"tokenizer": tokenizer_name(tokenizer, name_or_path, gguf_file=gguf_file)}
-        if self._init_source is not None:
-            identity = self._init_source["identity"]
-            start_tags = identity.get("num_fork_tokens", 6)
-            if num_fork_tokens != start_tags:
-                raise ValueError(
-                    f"model.num_fork_tokens={num_fork_tokens} but model.init_from={self._init_source['path']} has "
-                    f"{start_tags} fork tokens; set model.init_args.num_fork_tokens={start_tags}"
-                )
-            # The starting point fixes the model; its resolved path is saved, so a resume finds the same one.
-            self._hparam_overrides = {**identity, "init_from": self._init_source["path"]}
-            self._hparam_overrides["tokenizer"] = tokenizer_name(
-                identity.get("tokenizer"), identity.get("name_or_path"), gguf_file=identity.get("gguf_file"))
+        if self.starting_point is not None:  # it fixes the model
+            self._hparam_overrides = self.starting_point.hyperparameters(num_fork_tokens)
         # The checkpoint's hyperparameters: the arguments of every constructor of the chain, this one's and the
         # subclass's (SSFTModule's matching, ...), which Lightning reads off the call stack; then what was resolved.
         self.save_hyperparameters()
@@ -160,14 +154,12 @@ class ForkModule(L.LightningModule):
         )
         # Traces matched to each tag over training; argmax = the default tag (stored in checkpoints).
         self.register_buffer("tag_coverage", torch.zeros(hp.num_fork_tokens, dtype=torch.float64))
-        metadata = self._init_source["metadata"] if self._init_source else {}
-        if metadata.get("tag_coverage"):  # an export's default tag carries over
-            self.tag_coverage.copy_(torch.tensor(metadata["tag_coverage"], dtype=self.tag_coverage.dtype))
+        if self.starting_point is not None and self.starting_point.tag_coverage:  # an export's default tag carries over
+            self.tag_coverage.copy_(torch.tensor(self.starting_point.tag_coverage, dtype=self.tag_coverage.dtype))
         self.model = None
+        self._engine: GenerationEngine | None = None  # built on first use (generation_engine)
         self.fault_counts: Counter[str] = Counter()  # reward_errors, reward_timeouts, nonfinite_skipped (saved)
-        self._evaluation_faults: Counter[str] = Counter()  # reward faults of the running evaluation
-        self._evaluations: list[QuestionEvaluation] = []
-        self.last_evaluation: list[QuestionEvaluation] = []  # read by callbacks (samples, views)
+        self.evaluator = Evaluator(self)  # validation, test and predict (DESIGN.md §2)
 
     def _check_ranges(self) -> None:
         hp = self.hparams
@@ -177,76 +169,28 @@ class ForkModule(L.LightningModule):
             raise ValueError("set model.name_or_path (HF model id or dir) or model.model_config (fresh model)")
         if hp.dtype is not None and hp.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {hp.dtype!r}")
-        if hp.fork_policy not in FORK_POLICIES:
-            raise ValueError(f"model.fork_policy must be one of {FORK_POLICIES}, got {hp.fork_policy!r}")
-        if hp.predict_tags not in PREDICT_TAGS:
-            raise ValueError(f"model.predict_tags must be one of {PREDICT_TAGS}, got {hp.predict_tags!r}")
-        if not 0 <= hp.fixed_tag < hp.num_fork_tokens:
-            raise ValueError(f"model.fixed_tag must be in [0, {hp.num_fork_tokens - 1}], got {hp.fixed_tag}")
-        for key in ("n_per_tag", "max_new_tokens", "generation_batch_size"):
-            if hp[key] < 1:
-                raise ValueError(f"model.{key} must be >= 1, got {hp[key]}")
+        engine_class(hp.engine)  # a known engine
+        check_evaluation_settings(hp)
         if hp.learning_rate <= 0:
             raise ValueError(f"model.learning_rate must be > 0, got {hp.learning_rate}")
         if hp.reward_timeout_s is not None and hp.reward_timeout_s <= 0:
             raise ValueError(f"model.reward_timeout_s must be > 0 seconds or null, got {hp.reward_timeout_s}")
         if hp.on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"model.on_nonfinite must be one of {ON_NONFINITE}, got {hp.on_nonfinite!r}")
-        samples = hp.num_fork_tokens * hp.n_per_tag
-        if hp.pass_k is not None and not 1 <= hp.pass_k <= samples:
-            raise ValueError(f"model.pass_k must be in [1, num_fork_tokens * n_per_tag = {samples}], got {hp.pass_k}")
 
     # ---- input validation (DESIGN.md §3: before any training step) -------------------------
     GOLD_ANSWER_SPLITS: tuple[str, ...] = ("val", "test")  # splits whose answers the verifier scores
 
     def setup(self, stage: str) -> None:
+        """Hand the verifier's gold-answer parser to a :class:`ForkDataModule`, which checks (or skips and
+        counts) the answers of ``GOLD_ANSWER_SPLITS``, then log its validation counts (``data/...``)."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        validation = getattr(datamodule, "validation", None)
-        if not hasattr(datamodule, "datasets"):  # not a ForkDataModule: nothing forklight can check
+        if not isinstance(datamodule, ForkDataModule):  # another DataModule: nothing forklight can check
             return
-        self.check_gold_answers(datamodule)
-        if validation and self.trainer.logger is not None and self.trainer.is_global_zero:
-            counts = {f"data/{split}/questions": report.questions for split, report in validation.items()}
-            counts |= {f"data/{split}/skipped/{reason}": n for split, report in validation.items()
-                       for reason, n in report.skipped.items()}
+        datamodule.check_gold_answers(gold_answer_parser(self.verifier, self.extract_answer), self.GOLD_ANSWER_SPLITS)
+        counts = datamodule.validation_counts()
+        if counts and self.trainer.logger is not None and self.trainer.is_global_zero:
             self.trainer.logger.log_metrics(counts, step=0)
-
-    def check_gold_answers(self, datamodule) -> None:
-        """Every gold answer of the splits the verifier scores must be readable by it.
-
-        Missing or unparseable answers raise, naming the question and its file:line, or under
-        ``data.on_bad_record: skip`` are dropped and counted (``missing_answer``, ``unparseable_answer``).
-        A user verifier without an ``extract_answer`` method is not checked.
-        """
-        parse = gold_answer_parser(self.verifier, self.extract_answer)
-        if parse is None:
-            return
-        skip = datamodule.hparams.get("on_bad_record", "error") == "skip"
-        for split in self.GOLD_ANSWER_SPLITS:
-            dataset = datamodule.datasets.get(split)
-            if dataset is None:
-                continue
-            kept, bad = [], Counter()
-            for question in dataset.questions:
-                reason = "missing_answer" if question.answer is None else (
-                    "unparseable_answer" if parse(question.answer) is None else None)
-                if reason is None:
-                    kept.append(question)
-                    continue
-                if not skip:
-                    what = ("has no gold answer" if question.answer is None
-                            else f"has a gold answer {question.answer!r} that model.verifier cannot parse")
-                    raise RecordError(f"{question.location or split}: question '{question.id}' ({split} split) {what}; "
-                                      "fix the answer, choose a model.verifier that reads it, or set "
-                                      "data.on_bad_record=skip", reason)
-                bad[reason] += 1
-            if bad:
-                dataset.questions[:] = kept
-                if split in getattr(datamodule, "validation", {}):
-                    datamodule.validation[split].skipped.update(bad)
-                    datamodule.validation[split].questions = len(kept)
-                rank_zero_info(f"forklight data validation: {split}: skipped "
-                               + ", ".join(f"{n} {reason}" for reason, n in sorted(bad.items())))
 
     # ---- faults in training ----------------------------------------------------------------
     def score(self, batch: TraceSetBatch, completions: list[str], sizes: list[int]) -> tuple[list, str]:
@@ -307,8 +251,8 @@ class ForkModule(L.LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = model.train()  # from_pretrained returns eval mode; Lightning switches modes itself
-        if self._init_source is not None and self._init_source["kind"] == "checkpoint":
-            self._load_start_checkpoint(self._init_source["path"])
+        if self.starting_point is not None:
+            self.starting_point.load_weights(self)  # a checkpoint's weights (an export's were built above)
         if self.lora is not None:
             self.model = apply_lora(self.model, self.lora, self.fork_token_ids)
         self.on_model_built()
@@ -344,19 +288,6 @@ class ForkModule(L.LightningModule):
         if self._trainer is None or self.trainer.world_size == 1:
             return value
         return self.trainer.strategy.reduce(value.detach().clone(), reduce_op="sum")
-
-    def _load_start_checkpoint(self, path: str) -> None:
-        """Model weights and tag coverage of a forklight ``.ckpt`` (a resume then loads over them)."""
-        state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)["state_dict"]
-        wanted = {key: value for key, value in state.items() if key.startswith("model.") or key == "tag_coverage"}
-        missing = [key for key in self.state_dict() if key.startswith("model.") and key not in wanted]
-        if any("lora_" in key for key in wanted):
-            raise ValueError(f"model.init_from={path} is a checkpoint of a LoRA run; start from its export "
-                             "(merged weights: runs/<name>/version_<k>/export) instead")
-        if missing:
-            raise ValueError(f"model.init_from={path} lacks {len(missing)} model weights (e.g. {missing[:3]}); "
-                             "is it a checkpoint of this model?")
-        self.load_state_dict(wanted, strict=False)
 
     @torch.no_grad()
     def fork_policy_of(self, prompt_ids) -> torch.Tensor:
@@ -417,147 +348,54 @@ class ForkModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.fault_counts = Counter(checkpoint.get("forklight_faults", {}))
 
-    # ---- evaluation (DESIGN.md §2) ---------------------------------------------------------
+    # ---- generation and evaluation (DESIGN.md §2) -------------------------------------------
     def _sampling_seed(self, batch_idx: int) -> int:
         """Reproducible from the seed; differs per step, batch and rank."""
         return (self.hparams.seed * 1_000_003 + self.global_step * 7919 + batch_idx * 131 + self.global_rank) % 2**63
 
-    def sample_completions(self, batch: TraceSetBatch, tags: list[list[int]], batch_idx: int = 0,
-                           policy: list[list[float]] | None = None):
-        """Generate one completion per entry of ``tags[q]`` (tag indices) after question q's prompt, and
-        score them: ``(completions, scores, policy)``; ``policy`` [B][N] is the model's tag distribution
-        (computed here unless the caller already has it)."""
-        hp = self.hparams
-        prefixes = [prompt.tolist() + [self.fork_token_ids[tag]]
-                    for prompt, question_tags in zip(batch.prompt_ids, tags) for tag in question_tags]
-        device = self.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self._sampling_seed(batch_idx))
-            completions = generate_completions(
-                self.model, self.tokenizer, prefixes, self.stop_ids, hp.max_new_tokens,
-                hp.eval_temperature, hp.eval_top_p, hp.generation_batch_size,
-                progress=getattr(self, "generation_progress", None),  # set by callbacks.GenerationProgress
-                suppress_ids=self.fork_token_ids,
-            )
-            if policy is None:
-                policy = self.fork_policy_of(batch.prompt_ids).exp().tolist()  # [B][N]
-        scores, outcome = self.score(batch, [c.text for c in completions], [len(t) for t in tags])
-        if outcome != "ok":
-            self._evaluation_faults["reward_errors" if outcome == "error" else "reward_timeouts"] += len(completions)
-        return completions, scores, policy
+    def sampling_settings(self, temperature: float, top_p: float, max_new_tokens: int, seed: int) -> SamplingSettings:
+        """Sampling after a tag: ends at ``stop_ids``, never emits a fork token, ``generation_batch_size``
+        sequences per call, seeded with ``seed``."""
+        return SamplingSettings(temperature, top_p, max_new_tokens, stop_ids=self.stop_ids,
+                                suppress_ids=self.fork_token_ids, seed=seed, batch_size=self.hparams.generation_batch_size)
 
-    def evaluate_batch(self, batch: TraceSetBatch, batch_idx: int = 0) -> list[QuestionEvaluation]:
-        """Sample ``n_per_tag`` completions per (question, tag) and score them."""
-        num_tags, n = len(self.fork_token_ids), self.hparams.n_per_tag
-        every_tag = [tag for tag in range(num_tags) for _ in range(n)]  # ordered [tag, sample]
-        completions, scores, policy = self.sample_completions(batch, [every_tag] * len(batch), batch_idx)
-        texts = [completion.text for completion in completions]
-        results = []
-        per_question = num_tags * n
-        for q, question_id in enumerate(batch.ids):
-            block = slice(q * per_question, (q + 1) * per_question)
+    def generation_engine(self) -> GenerationEngine:
+        """The engine that samples every completion (``model.engine``), built around ``self.model`` on first use."""
+        if self._engine is None:
+            self._engine = engine_class(self.hparams.engine)(self.model, self.tokenizer)
+        return self._engine
 
-            def grid(values):  # flat [N * n] -> [N][n]
-                values = list(values)
-                return [values[t * n : (t + 1) * n] for t in range(num_tags)]
+    def generation_progress(self) -> Progress | None:
+        """``progress(done, total)`` for the engine: calls ``on_generation_progress(trainer, module, done, total)``
+        of every trainer callback that has that hook (e.g. ``callbacks.GenerationProgress``); None without one."""
+        trainer = self._trainer
+        observers = [c for c in trainer.callbacks if hasattr(c, "on_generation_progress")] if trainer is not None else []
+        if not observers:
+            return None
 
-            results.append(
-                QuestionEvaluation(
-                    id=question_id,
-                    answer=batch.answers[q],
-                    scores=grid(scores[block]),
-                    answers=grid(self.extract_answer(text) for text in texts[block]),
-                    lengths=grid(completion.length for completion in completions[block]),
-                    texts=grid(texts[block]),
-                    strategies=grid(self.classify_strategy(text) for text in texts[block])
-                    if self.classify_strategy else [],
-                    policy=policy[q],
-                )
-            )
-        return results
+        def progress(done: int, total: int) -> None:
+            for callback in observers:
+                callback.on_generation_progress(trainer, self, done, total)
+
+        return progress
+
+    @property
+    def last_evaluation(self) -> list[QuestionEvaluation]:
+        """The last validation's or test's evaluations, every rank's (read by callbacks: samples, views)."""
+        return self.evaluator.last
 
     def validation_step(self, batch: TraceSetBatch, batch_idx: int) -> None:
-        self._evaluations.extend(self.evaluate_batch(batch, batch_idx))
+        self.evaluator.collect(batch, batch_idx)
 
     def test_step(self, batch: TraceSetBatch, batch_idx: int) -> None:
-        self._evaluations.extend(self.evaluate_batch(batch, batch_idx))
+        self.evaluator.collect(batch, batch_idx)
 
     def predict_step(self, batch: TraceSetBatch, batch_idx: int) -> list[dict]:
-        """One row per completion: its question, tag, text, extracted answer and verifier score.
-
-        ``predict_tags: all``: ``n_per_tag`` completions after every tag; ``policy``: ``n_per_tag``
-        completions per question, each after a tag chosen by ``fork_policy`` (``learned`` samples
-        the model's tag distribution).
-        """
-        hp, num_tags = self.hparams, len(self.fork_token_ids)
-        policy = self.fork_policy_of(batch.prompt_ids).exp().tolist()  # [B][N]
-        if hp.predict_tags == "all":
-            tags = [[tag for tag in range(num_tags) for _ in range(hp.n_per_tag)] for _ in range(len(batch))]
-        else:
-            rng = np.random.default_rng(self._sampling_seed(batch_idx))
-            tags = choose_tags(np.array(policy), hp.fork_policy, hp.n_per_tag, rng,
-                               {"coverage": self.default_tag, "fixed": hp.fixed_tag}).tolist()  # [B][n]
-        completions, scores, _ = self.sample_completions(batch, tags, batch_idx, policy)
-        rows, position = [], 0
-        for q, question_id in enumerate(batch.ids):
-            for sample, tag in enumerate(tags[q]):
-                completion, score = completions[position], scores[position]
-                position += 1
-                rows.append({
-                    "id": question_id, "tag": self.fork_tokens[tag], "tag_index": tag,
-                    "tag_prob": policy[q][tag], "chosen_by": "all" if hp.predict_tags == "all" else hp.fork_policy,
-                    "sample": sample if hp.predict_tags == "policy" else sample % hp.n_per_tag,
-                    "completion": completion.text, "answer": self.extract_answer(completion.text),
-                    "gold": batch.answers[q], "score": score, "length": completion.length,
-                    "default_tag": tag == self.default_tag,
-                })
-        return rows
+        """One row per completion (:meth:`Evaluator.predict_rows <forklight.modules.evaluating.Evaluator.predict_rows>`)."""
+        return self.evaluator.predict_rows(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
+        self.evaluator.log("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
-
-    def _gather_evaluations(self) -> list[QuestionEvaluation]:
-        local, self._evaluations = self._evaluations, []
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return local
-        gathered: list[list[QuestionEvaluation]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(gathered, local)
-        seen, merged = set(), []
-        for evaluation in (e for rank_list in gathered for e in rank_list):  # distributed samplers may pad
-            if evaluation.id not in seen:
-                seen.add(evaluation.id)
-                merged.append(evaluation)
-        return merged
-
-    def evaluation_metrics(self, evaluations: list[QuestionEvaluation]) -> dict[str, float]:
-        """Per-tag and overall metrics of DESIGN.md §2 (keys without the ``val/`` prefix)."""
-        hp = self.hparams
-        return evaluation_metrics(
-            evaluations,
-            num_tags=len(self.fork_token_ids),
-            n_per_tag=hp.n_per_tag,
-            k=hp.pass_k or len(self.fork_token_ids) * hp.n_per_tag,
-            same_answer=getattr(self.verifier, "same_answer", None),  # votes group equal answers
-            policy_tags={"coverage": self.default_tag, "fixed": hp.fixed_tag},
-            fork_policy=hp.fork_policy,
-            purity_tags=self.used_tags() if self.classify_strategy is not None else None,
-        )
-
-    def used_tags(self) -> list[int]:
-        """Tags with at least half a uniform share of the training traces (all tags before training)."""
-        return used_tags(self.tag_coverage.tolist())
-
-    def _log_evaluation(self, stage: str) -> None:
-        faults, self._evaluation_faults = self._evaluation_faults, Counter()
-        for key in ("reward_errors", "reward_timeouts"):  # samples scored 0 because the verifier failed
-            self.log(f"{stage}/{key}", float(faults[key]), sync_dist=True, reduce_fx="sum")
-        evaluations = self._gather_evaluations()
-        self.last_evaluation = evaluations
-        if not evaluations:
-            return
-        for key, value in self.evaluation_metrics(evaluations).items():
-            # Every rank holds the same gathered evaluations, hence the same value: max keeps it exactly.
-            self.log(f"{stage}/{key}", value, sync_dist=True, reduce_fx="max")
+        self.evaluator.log("test")

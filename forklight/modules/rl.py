@@ -115,16 +115,13 @@ class RLModule(ForkModule):
 
     # ---- rollouts and rewards --------------------------------------------------------------
     def rollouts(self, batch, tags: list[list[int]], batch_idx: int) -> list[RolloutGroup]:
-        """Sample one completion per (question, tag) with a seed fixed by step, batch and rank."""
+        """Sample one completion per (question, tag) through the generation engine, with a seed fixed by
+        step, batch and rank."""
         hp = self.hparams
-        device = self.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self._sampling_seed(batch_idx) + 1)
-            return rollout_groups(
-                self.model, self.tokenizer, batch.ids, batch.prompt_ids, tags, self.fork_token_ids, self.stop_ids,
-                hp.max_completion_tokens, hp.rollout_temperature, hp.rollout_top_p, hp.generation_batch_size,
-                progress=getattr(self, "generation_progress", None),  # set by callbacks.GenerationProgress
-            )
+        settings = self.sampling_settings(hp.rollout_temperature, hp.rollout_top_p, hp.max_completion_tokens,
+                                          seed=self._sampling_seed(batch_idx) + 1)
+        return rollout_groups(self.generation_engine(), batch.ids, batch.prompt_ids, tags, self.fork_token_ids,
+                              settings, self.generation_progress())
 
     def rewards(self, batch, groups: list[RolloutGroup]) -> tuple[torch.Tensor, torch.Tensor]:
         """(rewards, valid), both [B, G]: verifier scores; ``valid`` False where it returned None.
