@@ -15,8 +15,8 @@ own state: the questions evaluated so far, the verifier faults, and the last gat
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
 
+import lightning as L
 import numpy as np
 import torch.distributed as dist
 
@@ -32,9 +32,6 @@ from forklight.evaluation import (
     used_tags,
 )
 from forklight.rollout import Completion
-
-if TYPE_CHECKING:
-    from forklight.modules.base import ForkModule
 
 FORK_POLICIES = ("learned", "argmax", "coverage", "fixed", "uniform")
 PREDICT_TAGS = ("all", "policy")
@@ -57,8 +54,8 @@ def check_evaluation_settings(hp) -> None:
 
 
 class Evaluator:
-    def __init__(self, module: ForkModule) -> None:
-        self.module = module
+    def __init__(self, module: L.LightningModule) -> None:
+        self.module = module  # the ForkModule it evaluates (not imported: base.py imports this room)
         self.collected: list[QuestionEvaluation] = []  # this rank's questions of the running evaluation
         self.faults: Counter[str] = Counter()  # reward_errors, reward_timeouts of the running evaluation
         self.last: list[QuestionEvaluation] = []  # the last evaluation, all ranks' (read by callbacks)
