@@ -4,7 +4,7 @@ Evaluation (every tag of every question) and RL rollouts generate in chunks of
 ``generation_batch_size`` sequences; a validation batch can take minutes. The module reports
 progress through a callback hook of its own: after each chunk the generation engine calls
 ``on_generation_progress(trainer, pl_module, done, total)`` of every trainer callback that has it
-(:meth:`forklight.modules.base.ForkModule.generation_progress`). This one writes
+(:func:`forklight.rollout.callback_progress`). This one writes
 ``generating done/total`` (sequences) on the active bar (train, validation, test or predict):
 the postfix of a ``TQDMProgressBar`` bar, the description of a ``RichProgressBar`` task (the
 default bar when ``rich`` is installed). With no progress bar it does nothing. It only observes:

@@ -271,6 +271,16 @@ def run_verifier(
     return outcome["scores"], "ok"
 
 
+def score_batch(verifier: Callable, answers: Sequence[str | None], columns: Sequence[dict], completions: list[str],
+                sizes: list[int], timeout_s: float | None) -> tuple[list[float | None], str]:
+    """:func:`run_verifier` on ``completions``, ``sizes[q]`` of them per question q, each scored against its
+    question's gold answer and extra columns (``answers``, ``columns``: one per question)."""
+    repeated = [answer for answer, size in zip(answers, sizes, strict=True) for _ in range(size)]
+    keys = columns[0] if columns else {}
+    extra = {key: [row.get(key) for row, size in zip(columns, sizes) for _ in range(size)] for key in keys}
+    return run_verifier(verifier, completions, repeated, extra, timeout_s)
+
+
 def gold_answer_parser(verifier: Callable, extract_answer: Callable[[str], str | None]) -> Callable | None:
     """How the verifier reads a gold answer, where it says so (``exact_integer``, ``math``, or a
     verifier with an ``extract_gold`` or ``extract_answer`` method); None for other user verifiers

@@ -58,6 +58,20 @@ class SamplingSettings:
 Progress = Callable[[int, int], None]  # progress(done, total) in sequences, after each chunk
 
 
+def callback_progress(trainer, module) -> Progress | None:
+    """``progress(done, total)`` that calls ``on_generation_progress(trainer, module, done, total)`` of every
+    trainer callback with that hook (e.g. ``callbacks.GenerationProgress``, which only observes); None without one."""
+    observers = [c for c in trainer.callbacks if hasattr(c, "on_generation_progress")] if trainer is not None else []
+    if not observers:
+        return None
+
+    def progress(done: int, total: int) -> None:
+        for callback in observers:
+            callback.on_generation_progress(trainer, module, done, total)
+
+    return progress
+
+
 class GenerationEngine(Protocol):
     """Samples one completion per prefix (prompt ids + tag id), in order."""
 

@@ -58,6 +58,21 @@ def fully_shard_model(model: nn.Module, mesh, names: list[str] | None = None) ->
     return model
 
 
+def shard_on_mesh(model: nn.Module, device_mesh, names: list[str] | None = None, lora: bool = False) -> nn.Module:
+    """:func:`fully_shard_model` on the data-parallel dimension of Lightning's ``ModelParallelStrategy``
+    mesh, after refusing what forklight does not support there (LoRA, tensor parallelism)."""
+    if lora:
+        raise ValueError("model.lora is not supported with FSDP2 (ModelParallelStrategy) yet; use DDP "
+                         "(configs/strategies/ddp.yaml) or full fine-tuning without model.lora")
+    if device_mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"ModelParallelStrategy has tensor_parallel_size={device_mesh['tensor_parallel'].size()}, but forklight "
+            "shards with FSDP2 only: set trainer.strategy.init_args.tensor_parallel_size=1 and "
+            "data_parallel_size = trainer.num_nodes * trainer.devices (configs/strategies/fsdp2.yaml)"
+        )
+    return fully_shard_model(model, device_mesh["data_parallel"], names)
+
+
 def forward_is_collective(model: nn.Module) -> bool:
     """Whether a forward pass of ``model`` all-gathers parameters across ranks (FSDP2 or FSDP units
     inside, more than one rank): then all ranks must call it equally often or they deadlock."""

@@ -13,9 +13,9 @@ and add how they roll out and what they optimise. Under FSDP2 (``configs/strateg
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
+from functools import partial
 
 import lightning as L
 import numpy as np
@@ -28,9 +28,10 @@ from forklight.evaluation import QuestionEvaluation
 from forklight.forking import add_fork_tokens, fork_log_policy, fork_token_names, init_fork_embeddings
 from forklight.models import DTYPES, apply_lora, build_causal_lm, check_gguf, keep_master_weights, lora_settings
 from forklight.modules.evaluating import Evaluator, check_evaluation_settings
-from forklight.rewards import gold_answer_parser, resolve_callable, resolve_verifier, run_verifier
-from forklight.rollout import GenerationEngine, Progress, SamplingSettings, engine_class
-from forklight.sharding import fully_shard_model
+from forklight.rewards import gold_answer_parser, resolve_callable, resolve_verifier, score_batch
+from forklight.rollout import GenerationEngine, Progress, SamplingSettings, callback_progress, engine_class
+from forklight.optimisation import parameter_groups, warmup_cosine
+from forklight.sharding import shard_on_mesh
 from forklight.starting import resolve_init_from, tokenizer_name
 
 ON_NONFINITE = ("error", "skip")
@@ -196,13 +197,10 @@ class ForkModule(L.LightningModule):
     def score(self, batch: TraceSetBatch, completions: list[str], sizes: list[int]) -> tuple[list, str]:
         """Verifier scores of ``completions``, ``sizes[q]`` of them per question q of ``batch`` in order
         (``model.reward_timeout_s``; a failure scores 0), and the outcome counted."""
-        answers = [answer for answer, size in zip(batch.answers, sizes, strict=True) for _ in range(size)]
-        keys = batch.columns[0] if batch.columns else {}
-        columns = {key: [row.get(key) for row, size in zip(batch.columns, sizes) for _ in range(size)] for key in keys}
-        scores, outcome = run_verifier(self.verifier, completions, answers, columns, self.hparams.reward_timeout_s)
+        scores, outcome = score_batch(self.verifier, batch.answers, batch.columns, completions, sizes,
+                                      self.hparams.reward_timeout_s)
         if outcome != "ok":
-            key = "reward_errors" if outcome == "error" else "reward_timeouts"
-            self.fault_counts[key] += len(completions)
+            self.fault_counts["reward_errors" if outcome == "error" else "reward_timeouts"] += len(completions)
         return scores, outcome
 
     def skip_nonfinite(self, loss: torch.Tensor, batch: TraceSetBatch, batch_idx: int) -> bool:
@@ -269,19 +267,9 @@ class ForkModule(L.LightningModule):
     def shard(self, model):
         """FSDP2 (``ModelParallelStrategy`` gives the module a device mesh): ``fully_shard`` each
         transformer block, then the whole model. Without a mesh (one device, DDP, FSDP) unchanged."""
-        mesh = self.device_mesh
-        if mesh is None:
+        if self.device_mesh is None:
             return model
-        if self.lora is not None:
-            raise ValueError("model.lora is not supported with FSDP2 (ModelParallelStrategy) yet; use DDP "
-                             "(configs/strategies/ddp.yaml) or full fine-tuning without model.lora")
-        if mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                f"ModelParallelStrategy has tensor_parallel_size={mesh['tensor_parallel'].size()}, but forklight "
-                "shards with FSDP2 only: set trainer.strategy.init_args.tensor_parallel_size=1 and "
-                "data_parallel_size = trainer.num_nodes * trainer.devices (configs/strategies/fsdp2.yaml)"
-            )
-        return fully_shard_model(model, mesh["data_parallel"], self.hparams.shard_block_classes)
+        return shard_on_mesh(model, self.device_mesh, self.hparams.shard_block_classes, lora=self.lora is not None)
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the data-parallel ranks (a copy; ``value`` itself on one process)."""
@@ -310,29 +298,11 @@ class ForkModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        # Matrices decay. FSDP flattens parameters into 1-D shards, so they are told by name (without
-        # its wrapper prefixes) from the shapes configure_model saw.
-        matrices = getattr(self, "_matrix_names", None)
-        parameters = [(name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""), p)
-                      for name, p in self.named_parameters() if p.requires_grad]
-        # A LoRA run's fork-token rows are deltas on the pretrained rows: they do not decay.
-        decays = {name: (name in matrices if matrices is not None else p.ndim >= 2) and "trainable_tokens_delta" not in name
-                  for name, p in parameters}
-        decay = [p for name, p in parameters if decays[name]]
-        no_decay = [p for name, p in parameters if not decays[name]]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay()}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.learning_rate,
-        )
+        groups = parameter_groups(self.named_parameters(), getattr(self, "_matrix_names", None), self.weight_decay())
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to min_lr_ratio
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, total_steps - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=total_steps, min_lr_ratio=hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -366,18 +336,8 @@ class ForkModule(L.LightningModule):
         return self._engine
 
     def generation_progress(self) -> Progress | None:
-        """``progress(done, total)`` for the engine: calls ``on_generation_progress(trainer, module, done, total)``
-        of every trainer callback that has that hook (e.g. ``callbacks.GenerationProgress``); None without one."""
-        trainer = self._trainer
-        observers = [c for c in trainer.callbacks if hasattr(c, "on_generation_progress")] if trainer is not None else []
-        if not observers:
-            return None
-
-        def progress(done: int, total: int) -> None:
-            for callback in observers:
-                callback.on_generation_progress(trainer, self, done, total)
-
-        return progress
+        """``progress(done, total)`` for the engine, reported to the trainer's callbacks (:func:`~forklight.rollout.callback_progress`)."""
+        return callback_progress(self._trainer, self)
 
     @property
     def last_evaluation(self) -> list[QuestionEvaluation]:
