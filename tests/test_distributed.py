@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from forklight.data.datamodule import LengthGroupedSampler, QuestionDataset, RenderedQuestion
+from forklight.data.batching import LengthGroupedSampler, QuestionDataset
+from forklight.data.rendering import RenderedQuestion
 from forklight.losses import data_parallel_token_mean, summed_nll
 from forklight.sharding import TransformerBlockWrapPolicy, block_class_names, transformer_blocks
 from tests.conftest import CONFIGS, REPO, TINY_MODEL_CONFIG, tiny_overrides

@@ -1,4 +1,4 @@
-"""Data: records and validation, rendering/tokenisation, the ForkDataModule and the toy task."""
+"""Data: records, rendering/tokenisation, validation at setup, batching, the ForkDataModule and the toy task."""
 
 from forklight.data.datamodule import ForkDataModule, ToyTask
 from forklight.data.records import FieldNames, QuestionRecord, RecordError, Trace

@@ -6,35 +6,37 @@ renders and tokenises them once, and serves :class:`TraceSetBatch` batches: whol
 questions with their trace sets, so SSFT can match a question's traces to tags and RL modules
 can use the prompts and answers. Questions of similar length are batched together (dynamic
 padding happens when the module assembles rows).
-"""
+
+This file holds the configuration (the constructor), the reading of splits and the loaders; the
+checks and counts at setup are in ``forklight.data.validation``, the dataset, sampler and
+collation in ``forklight.data.batching``."""
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
-from forklight.data.records import LAYOUTS, ON_BAD_RECORD, FieldNames, QuestionRecord, RecordError, load_records
-from forklight.data.rendering import (
-    TOY_TOKENIZER,
-    TraceSetBatch,
-    end_of_turn_id,
-    load_tokenizer,
-    render_prompt_ids,
-    render_trace_ids,
+from forklight.data.batching import LengthGroupedSampler, QuestionDataset, ResumableDataLoader, collate_questions
+from forklight.data.records import LAYOUTS, ON_BAD_RECORD, FieldNames, QuestionRecord, load_records
+from forklight.data.rendering import TOY_TOKENIZER, RenderedQuestion, load_tokenizer
+from forklight.data.validation import (
+    OVERLONG,
+    SplitValidation,
+    check_gold_answers,
+    format_counts,
+    render_questions,
+    validation_counts,
+    validation_summary,
 )
 from forklight.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-OVERLONG = ("truncate", "skip", "error")  # data.overlong: what to do with a trace whose row exceeds data.max_length
 
 
 @dataclass
@@ -49,176 +51,6 @@ class ToyTask:
     min_digits: int = 2
     max_digits: int = 2
     seed: int = 1234
-
-
-@dataclass
-class RenderedQuestion:
-    """A question tokenised once at setup."""
-
-    id: str
-    prompt_ids: list[int]
-    trace_ids: list[list[int]]  # each: trace + end-of-turn
-    sources: list[str | None]
-    answer: str | None
-    columns: dict
-    location: str = ""  # where the question came from, e.g. "train.jsonl:12"
-
-
-@dataclass
-class SplitValidation:
-    """What validation did to one split: kept questions, skips per reason, overlong traces, sampling."""
-
-    questions: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)  # reason -> rows or questions skipped
-    truncated_traces: int = 0  # traces cut to data.max_length (data.overlong=truncate)
-    truncated_tokens: int = 0  # tokens cut off them
-    dropped_traces: int = 0  # overlong traces left out (data.overlong=skip)
-    dropped_tokens: int = 0  # tokens in them
-    sampled_questions: int = 0  # questions with more traces than data.max_traces (that many drawn per epoch)
-
-    def summary(self) -> str:
-        """e.g. ``"64 questions; skipped: 2 malformed_json; 3 traces truncated to data.max_length (812 tokens cut)"``."""
-        parts = [f"{self.questions} questions"]
-        if self.skipped:
-            parts.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())))
-        if self.truncated_traces:
-            parts.append(f"{self.truncated_traces} traces truncated to data.max_length ({self.truncated_tokens} tokens cut)")
-        if self.dropped_traces:
-            parts.append(f"{self.dropped_traces} overlong traces skipped ({self.dropped_tokens} tokens)")
-        if self.sampled_questions:
-            parts.append(f"{self.sampled_questions} questions with more traces than data.max_traces (sampled per epoch)")
-        return "; ".join(parts)
-
-
-class QuestionDataset(Dataset):
-    """Rendered questions; ``max_traces`` of a question's traces are drawn per epoch when it has more."""
-
-    def __init__(self, questions: list[RenderedQuestion], max_traces: int | None, seed: int) -> None:
-        self.questions = questions
-        self.max_traces = max_traces
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.questions)
-
-    def __getitem__(self, index: int) -> RenderedQuestion:
-        question = self.questions[index]
-        if self.max_traces is None or len(question.trace_ids) <= self.max_traces:
-            return question
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        keep = sorted(rng.choice(len(question.trace_ids), size=self.max_traces, replace=False).tolist())
-        return RenderedQuestion(
-            id=question.id,
-            prompt_ids=question.prompt_ids,
-            trace_ids=[question.trace_ids[j] for j in keep],
-            sources=[question.sources[j] for j in keep],
-            answer=question.answer,
-            columns=question.columns,
-            location=question.location,
-        )
-
-
-class LengthGroupedSampler(DistributedSampler):
-    """Shuffled order in which each window of ``batch_size * num_replicas * window_batches`` is sorted by length.
-
-    Batches then hold questions of similar length (little padding) while the order stays
-    random across windows. ``set_epoch`` (called by Lightning) reshuffles and redraws traces.
-
-    Data parallel (``num_replicas`` ranks): every rank computes the same order and cuts it into
-    global batches of ``batch_size * num_replicas`` questions; rank r takes the r-th ``batch_size``
-    of each (a trailing partial global batch is dropped). The ranks see different questions, a
-    question's traces stay together, and R ranks with batch b see exactly the batches one process
-    with batch R*b sees. It is a ``DistributedSampler`` so that Lightning uses it as it is: it wraps
-    any other sampler in one that reshuffles its output, undoing the length grouping.
-    """
-
-    def __init__(self, dataset: QuestionDataset, batch_size: int, seed: int, window_batches: int = 32,
-                 num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.dataset = dataset
-        self.lengths = [len(q.prompt_ids) + sum(len(t) for t in q.trace_ids) for q in dataset.questions]
-        self.batch_size = batch_size
-        self.window = batch_size * num_replicas * window_batches
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.dataset.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.num_replicas == 1:
-            return len(self.lengths)
-        return len(self.lengths) // (self.batch_size * self.num_replicas) * self.batch_size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        grouped = [index for start in range(0, len(order), self.window)
-                   for index in sorted(order[start : start + self.window], key=lambda index: -self.lengths[index])]
-        if self.num_replicas == 1:
-            yield from grouped
-            return
-        global_batch = self.batch_size * self.num_replicas
-        for start in range(0, len(grouped) - global_batch + 1, global_batch):
-            mine = start + self.rank * self.batch_size
-            yield from grouped[mine : mine + self.batch_size]
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that resumes mid-epoch at exactly the next batch.
-
-    Lightning saves ``state_dict()`` (the epoch and the batches served in it) with the fit loop
-    in every checkpoint and, on ``--ckpt_path``, calls ``load_state_dict`` before iterating; the
-    first iteration of that epoch then skips the batches the interrupted run already trained on
-    (they are drawn and dropped, so any sampler, distributed ones included, stays in step).
-    Lightning's data fetcher does not prefetch from a loader with a length, so batches served =
-    batches trained on when a checkpoint is written.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._epoch: int | None = None  # sampler epoch of the current iteration
-        self._served = 0  # batches yielded in the current iteration
-        self._resume: dict | None = None  # state to resume from, consumed by the next matching epoch
-
-    def _sampler_epoch(self) -> int | None:
-        return getattr(self.sampler, "epoch", None)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches_served": self._served}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume = dict(state)
-
-    def __iter__(self):
-        return self._batches()  # a generator: nothing is drawn before Lightning sets the epoch
-
-    def _batches(self):
-        iterator = super().__iter__()
-        self._epoch, self._served = self._sampler_epoch(), 0
-        resume, self._resume = self._resume, None
-        skip = 0
-        if resume is not None and resume.get("epoch") == self._epoch and resume.get("batches_served", 0) < len(self):
-            skip = resume["batches_served"]
-        for _ in range(skip):
-            next(iterator)
-            self._served += 1
-        for batch in iterator:
-            self._served += 1
-            yield batch
-
-
-def collate_questions(questions: list[RenderedQuestion]) -> TraceSetBatch:
-    return TraceSetBatch(
-        ids=[q.id for q in questions],
-        prompt_ids=[torch.tensor(q.prompt_ids, dtype=torch.long) for q in questions],
-        trace_ids=[[torch.tensor(t, dtype=torch.long) for t in q.trace_ids] for q in questions],
-        sources=[q.sources for q in questions],
-        answers=[q.answer for q in questions],
-        columns=[q.columns for q in questions],
-    )
 
 
 class ForkDataModule(L.LightningDataModule):
@@ -370,92 +202,6 @@ class ForkDataModule(L.LightningDataModule):
                 splits[name] = []
         return splits
 
-    # ---- rendering -----------------------------------------------------------------------
-    def _render(self, records: list[QuestionRecord], split: str) -> list[RenderedQuestion]:
-        hp = self.hparams
-        end_id = end_of_turn_id(self.tokenizer, hp.end_token)
-        questions = []
-        validation = self.validation.setdefault(split, SplitValidation())
-        for record in records:
-            try:
-                if split == "train" and len(record.traces) < hp.min_traces:
-                    raise RecordError(
-                        f"{record.location}: question has {len(record.traces)} traces, fewer than "
-                        f"data.min_traces={hp.min_traces}; add traces or lower data.min_traces", "too_few_traces"
-                    )
-                prompt_ids = render_prompt_ids(self.tokenizer, record, hp.prompt_template, hp.system_prompt)
-                if len(prompt_ids) + 2 > hp.max_length:
-                    raise RecordError(
-                        f"{record.location}: prompt is {len(prompt_ids)} tokens, leaving no room for a trace "
-                        f"within data.max_length={hp.max_length}; raise data.max_length or shorten the prompt",
-                        "prompt_too_long",
-                    )
-            except RecordError as error:
-                if hp.on_bad_record == "error":
-                    raise
-                validation.skipped[error.reason] += 1
-                log.warning("skipped bad record: %s", error)
-                continue
-            room = hp.max_length - len(prompt_ids) - 1  # tokens left after prompt and tag
-            trace_ids, sources = [], []
-            for number, trace in enumerate(record.traces, 1):
-                ids = render_trace_ids(self.tokenizer, trace.text, end_id)
-                if len(ids) > room:
-                    self._overlong(record, number, len(prompt_ids), len(ids), validation)
-                    if hp.overlong == "skip":
-                        continue
-                    ids = ids[:room]
-                trace_ids.append(ids)
-                sources.append(trace.source)
-            if record.traces and not trace_ids:  # every trace was overlong (data.overlong=skip)
-                validation.skipped["overlong"] += 1
-                continue
-            questions.append(
-                RenderedQuestion(
-                    id=record.id,
-                    prompt_ids=prompt_ids,
-                    trace_ids=trace_ids,
-                    sources=sources,
-                    answer=record.answer,
-                    columns=record.columns,
-                    location=record.location,
-                )
-            )
-            if split == "train" and self.max_traces is not None and len(trace_ids) > self.max_traces:
-                validation.sampled_questions += 1
-        if validation.truncated_traces:
-            log.warning(
-                "%s: %d traces longer than data.max_length=%d were truncated (%d tokens cut; their end-of-turn token "
-                "is lost); set data.init_args.overlong=skip or error, or raise data.init_args.max_length",
-                split, validation.truncated_traces, hp.max_length, validation.truncated_tokens,
-            )
-        if validation.dropped_traces:
-            log.warning("%s: %d traces longer than data.max_length=%d were skipped (%d tokens; data.overlong=skip)",
-                        split, validation.dropped_traces, hp.max_length, validation.dropped_tokens)
-        validation.questions = len(questions)
-        return questions
-
-    def _overlong(self, record: QuestionRecord, number: int, prompt_tokens: int, trace_tokens: int,
-                  validation: SplitValidation) -> None:
-        """Count (or, with ``data.overlong=error``, refuse) a trace whose row is longer than ``data.max_length``."""
-        hp = self.hparams
-        room = hp.max_length - prompt_tokens - 1  # tokens left after prompt and tag
-        if hp.overlong == "error":
-            where = record.traces[number - 1].location or record.location
-            raise RecordError(
-                f"{where}: trace {number} of question '{record.id}' is {trace_tokens} tokens (with its end of turn); "
-                f"after the {prompt_tokens}-token prompt and the tag its row is {prompt_tokens + 1 + trace_tokens} > "
-                f"data.init_args.max_length={hp.max_length}; raise data.init_args.max_length, shorten the trace, or set "
-                "data.init_args.overlong=truncate or skip",
-                "overlong",
-            )
-        if hp.overlong == "skip":
-            validation.dropped_traces += 1
-            validation.dropped_tokens += trace_tokens
-        else:
-            validation.truncated_traces += 1
-            validation.truncated_tokens += trace_tokens - room
-
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
@@ -469,17 +215,23 @@ class ForkDataModule(L.LightningDataModule):
                               "and data.overlong")
         rank_zero_info(self.validation_summary())
 
+    # ---- validation (forklight.data.validation) -----------------------------------------
+    def _render(self, records: list[QuestionRecord], split: str) -> list[RenderedQuestion]:
+        hp = self.hparams
+        return render_questions(
+            records, self.tokenizer, split, self.validation.setdefault(split, SplitValidation()),
+            prompt_template=hp.prompt_template, system_prompt=hp.system_prompt, end_token=hp.end_token,
+            max_length=hp.max_length, overlong=hp.overlong, min_traces=hp.min_traces, max_traces=self.max_traces,
+            on_bad_record=hp.on_bad_record,
+        )
+
     def validation_summary(self) -> str:
         """What setup's validation kept, skipped (per reason), truncated and sampled, per split."""
-        lines = [f"forklight data validation (data.on_bad_record={self.hparams.on_bad_record}):"]
-        lines += [f"  {split}: {report.summary()}" for split, report in self.validation.items()]
-        return "\n".join(lines)
+        return validation_summary(self.validation, self.hparams.on_bad_record)
 
     def validation_counts(self) -> dict[str, int]:
         """``data/{split}/questions`` and ``data/{split}/skipped/{reason}``, for the logger."""
-        counts = {f"data/{split}/questions": report.questions for split, report in self.validation.items()}
-        return counts | {f"data/{split}/skipped/{reason}": n for split, report in self.validation.items()
-                         for reason, n in report.skipped.items()}
+        return validation_counts(self.validation)
 
     def check_gold_answers(self, parse: Callable[[str], object] | None, splits: Sequence[str]) -> None:
         """Every gold answer of ``splits`` (those the model's verifier scores) must be readable by
@@ -495,27 +247,13 @@ class ForkDataModule(L.LightningDataModule):
             dataset = self.datasets.get(split)
             if dataset is None:
                 continue
-            kept, bad = [], Counter()
-            for question in dataset.questions:
-                reason = "missing_answer" if question.answer is None else (
-                    "unparseable_answer" if parse(question.answer) is None else None)
-                if reason is None:
-                    kept.append(question)
-                    continue
-                if self.hparams.on_bad_record != "skip":
-                    what = ("has no gold answer" if question.answer is None
-                            else f"has a gold answer {question.answer!r} that model.verifier cannot parse")
-                    raise RecordError(f"{question.location or split}: question '{question.id}' ({split} split) {what}; "
-                                      "fix the answer, choose a model.verifier that reads it, or set "
-                                      "data.on_bad_record=skip", reason)
-                bad[reason] += 1
+            kept, bad = check_gold_answers(dataset.questions, parse, split, self.hparams.on_bad_record)
             if bad:
                 dataset.questions[:] = kept
                 if split in self.validation:
                     self.validation[split].skipped.update(bad)
                     self.validation[split].questions = len(kept)
-                rank_zero_info(f"forklight data validation: {split}: skipped "
-                               + ", ".join(f"{n} {reason}" for reason, n in sorted(bad.items())))
+                rank_zero_info(f"forklight data validation: {split}: skipped {format_counts(bad)}")
 
     # ---- loaders -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -88,6 +88,19 @@ def render_trace_ids(tokenizer, text: str, end_id: int) -> list[int]:
 
 
 @dataclass
+class RenderedQuestion:
+    """A question tokenised once at setup (by ``forklight.data.validation.render_questions``)."""
+
+    id: str
+    prompt_ids: list[int]
+    trace_ids: list[list[int]]  # each: trace + end-of-turn
+    sources: list[str | None]
+    answer: str | None
+    columns: dict
+    location: str = ""  # where the question came from, e.g. "train.jsonl:12"
+
+
+@dataclass
 class TraceSetBatch:
     """A batch of questions, each with its prompt and its set of traces (token ids)."""
 

@@ -1,0 +1,147 @@
+"""Serving rendered questions in batches: the dataset, the length-grouped sampler, the resumable loader.
+
+:class:`QuestionDataset` holds the questions rendered at setup and draws ``max_traces`` of a
+question's traces per epoch; :class:`LengthGroupedSampler` orders them so that a batch holds
+questions of similar length (each rank its own share under data parallelism);
+:class:`ResumableDataLoader` resumes mid-epoch from a checkpoint; :func:`collate_questions` makes
+the :class:`TraceSetBatch` every module trains on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from forklight.data.rendering import RenderedQuestion, TraceSetBatch
+
+
+class QuestionDataset(Dataset):
+    """Rendered questions; ``max_traces`` of a question's traces are drawn per epoch when it has more."""
+
+    def __init__(self, questions: list[RenderedQuestion], max_traces: int | None, seed: int) -> None:
+        self.questions = questions
+        self.max_traces = max_traces
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, index: int) -> RenderedQuestion:
+        question = self.questions[index]
+        if self.max_traces is None or len(question.trace_ids) <= self.max_traces:
+            return question
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        keep = sorted(rng.choice(len(question.trace_ids), size=self.max_traces, replace=False).tolist())
+        return RenderedQuestion(
+            id=question.id,
+            prompt_ids=question.prompt_ids,
+            trace_ids=[question.trace_ids[j] for j in keep],
+            sources=[question.sources[j] for j in keep],
+            answer=question.answer,
+            columns=question.columns,
+            location=question.location,
+        )
+
+
+class LengthGroupedSampler(DistributedSampler):
+    """Shuffled order in which each window of ``batch_size * num_replicas * window_batches`` is sorted by length.
+
+    Batches then hold questions of similar length (little padding) while the order stays
+    random across windows. ``set_epoch`` (called by Lightning) reshuffles and redraws traces.
+
+    Data parallel (``num_replicas`` ranks): every rank computes the same order and cuts it into
+    global batches of ``batch_size * num_replicas`` questions; rank r takes the r-th ``batch_size``
+    of each (a trailing partial global batch is dropped). The ranks see different questions, a
+    question's traces stay together, and R ranks with batch b see exactly the batches one process
+    with batch R*b sees. It is a ``DistributedSampler`` so that Lightning uses it as it is: it wraps
+    any other sampler in one that reshuffles its output, undoing the length grouping.
+    """
+
+    def __init__(self, dataset: QuestionDataset, batch_size: int, seed: int, window_batches: int = 32,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.dataset = dataset
+        self.lengths = [len(q.prompt_ids) + sum(len(t) for t in q.trace_ids) for q in dataset.questions]
+        self.batch_size = batch_size
+        self.window = batch_size * num_replicas * window_batches
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.num_replicas == 1:
+            return len(self.lengths)
+        return len(self.lengths) // (self.batch_size * self.num_replicas) * self.batch_size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        grouped = [index for start in range(0, len(order), self.window)
+                   for index in sorted(order[start : start + self.window], key=lambda index: -self.lengths[index])]
+        if self.num_replicas == 1:
+            yield from grouped
+            return
+        global_batch = self.batch_size * self.num_replicas
+        for start in range(0, len(grouped) - global_batch + 1, global_batch):
+            mine = start + self.rank * self.batch_size
+            yield from grouped[mine : mine + self.batch_size]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that resumes mid-epoch at exactly the next batch.
+
+    Lightning saves ``state_dict()`` (the epoch and the batches served in it) with the fit loop
+    in every checkpoint and, on ``--ckpt_path``, calls ``load_state_dict`` before iterating; the
+    first iteration of that epoch then skips the batches the interrupted run already trained on
+    (they are drawn and dropped, so any sampler, distributed ones included, stays in step).
+    Lightning's data fetcher does not prefetch from a loader with a length, so batches served =
+    batches trained on when a checkpoint is written.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch: int | None = None  # sampler epoch of the current iteration
+        self._served = 0  # batches yielded in the current iteration
+        self._resume: dict | None = None  # state to resume from, consumed by the next matching epoch
+
+    def _sampler_epoch(self) -> int | None:
+        return getattr(self.sampler, "epoch", None)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches_served": self._served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+    def __iter__(self):
+        return self._batches()  # a generator: nothing is drawn before Lightning sets the epoch
+
+    def _batches(self):
+        iterator = super().__iter__()
+        self._epoch, self._served = self._sampler_epoch(), 0
+        resume, self._resume = self._resume, None
+        skip = 0
+        if resume is not None and resume.get("epoch") == self._epoch and resume.get("batches_served", 0) < len(self):
+            skip = resume["batches_served"]
+        for _ in range(skip):
+            next(iterator)
+            self._served += 1
+        for batch in iterator:
+            self._served += 1
+            yield batch
+
+
+def collate_questions(questions: list[RenderedQuestion]) -> TraceSetBatch:
+    return TraceSetBatch(
+        ids=[q.id for q in questions],
+        prompt_ids=[torch.tensor(q.prompt_ids, dtype=torch.long) for q in questions],
+        trace_ids=[[torch.tensor(t, dtype=torch.long) for t in q.trace_ids] for q in questions],
+        sources=[q.sources for q in questions],
+        answers=[q.answer for q in questions],
+        columns=[q.columns for q in questions],
+    )
