@@ -51,7 +51,7 @@ class GFPOUpdate:
     advantages: torch.Tensor  # [B, G] group advantages
 
 
-class GFPOModule(RLModule):
+class GFPOModule(RLModule[GFPOUpdate]):
     learns_tag_policy = True  # the update is a policy gradient on pi(i | x)
 
     def __init__(

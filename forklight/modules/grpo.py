@@ -46,7 +46,7 @@ class GRPOUpdate:
     ref_log_probs: torch.Tensor | None  # [S, T-1] log pi_ref of each token; None when kl_coef = 0
 
 
-class GRPOModule(RLModule):
+class GRPOModule(RLModule[GRPOUpdate]):
     def __init__(self, loss_type: str = "dapo", rollout_tag: int | None = None,
                  update_micro_batch_rows: int | None = None, **kwargs) -> None:
         """Token-level GRPO with a fixed tag.

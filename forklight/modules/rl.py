@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -24,9 +24,7 @@ from forklight.losses import LossParts, group_advantages, merge_chunk_parts
 from forklight.modules.base import ForkModule
 from forklight.rollout import RolloutGroup, rollout_groups
 
-if TYPE_CHECKING:  # each method's hand-off from prepare_update to update_loss
-    from forklight.modules.gfpo import GFPOUpdate
-    from forklight.modules.grpo import GRPOUpdate
+Update = TypeVar("Update")  # a method's hand-off from prepare_update to update_loss (GFPOUpdate, GRPOUpdate)
 
 
 @contextlib.contextmanager
@@ -48,7 +46,7 @@ def without_dropout(model: torch.nn.Module):
             module.training = training
 
 
-class RLModule(ForkModule):
+class RLModule(ForkModule, Generic[Update]):
     GOLD_ANSWER_SPLITS = ("train", "val", "test")  # rewards need the training answers too
 
     def __init__(
@@ -154,17 +152,17 @@ class RLModule(ForkModule):
         self.log("rollout/skipped_frac", float((~valid).float().mean()), batch_size=size)
 
     # ---- the update loop ---------------------------------------------------------------------
-    def update_loss(self, update: GFPOUpdate | GRPOUpdate, iteration: int, rows: slice | None = None) -> LossParts:
+    def update_loss(self, update: Update, iteration: int, rows: slice | None = None) -> LossParts:
         """The method's loss on this step's rollouts (with gradient); ``update`` from ``prepare_update``.
         ``rows``: one chunk of :meth:`update_row_chunks` (None: all), its loss divided as the whole batch's."""
         raise NotImplementedError
 
-    def update_row_chunks(self, update: GFPOUpdate | GRPOUpdate) -> list[slice | None]:
+    def update_row_chunks(self, update: Update) -> list[slice | None]:
         """Row chunks of the update, one backward each; their gradients add up to the whole batch's.
         Default: one backward over everything."""
         return [None]
 
-    def prepare_update(self, batch, batch_idx: int) -> GFPOUpdate | GRPOUpdate:
+    def prepare_update(self, batch, batch_idx: int) -> Update:
         """Generate and score this step's rollouts; return what ``update_loss`` needs (the method's dataclass)."""
         raise NotImplementedError
 
