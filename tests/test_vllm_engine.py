@@ -17,30 +17,22 @@ import pytest
 import torch
 
 from forklight.cli import build_cli
-from forklight.rollout import SamplingSettings, generate_completions
-from tests.conftest import CONFIGS, tiny_export, tiny_overrides, toy_batch
+from forklight.rollout import SamplingSettings
+from tests.conftest import (CONFIGS, VLLM_MODEL_CONFIG, hf_greedy, hf_model, prefixes_of, tiny_export, tiny_overrides,
+                            toy_batch)
 from tests.test_distributed import assert_same_evaluation, fit, scalars
 from tests.test_weight_sync import head_update
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-# vLLM's CPU attention needs a head size of 32 or more (TINY_MODEL_CONFIG's is 16).
-VLLM_MODEL_CONFIG = {
-    "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 256, "tie_word_embeddings": False,
-}
 VLLM_OPTIONS = {"dtype": "float32", "kv_cache_memory_bytes": 2**26, "max_model_len": 256}  # 64 MiB of KV cache
-PROMPTS = ["12+34=", "7+5=", "100+250=", "1+1="]
 
 
 def cpu_environment() -> None:
     """vLLM's CPU engine binds its OpenMP threads and keeps a core for itself unless told otherwise."""
-    if torch.cuda.is_available():
-        return
-    cores = sorted(os.sched_getaffinity(0))
-    if cores == list(range(len(cores))):
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{len(cores) - 1}")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    from forklight.vllm_engine import cpu_environment
+
+    cpu_environment(os.environ)
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +48,6 @@ def setup(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(export)
     engine = VLLMEngine(hf_model(export), tokenizer, VLLM_OPTIONS)
     return export, metadata, tokenizer, engine
-
-
-def hf_model(export):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-
-
-def prefixes_of(tokenizer, fork_token_ids):
-    """Every prompt followed by every tag: [len(PROMPTS) * len(fork_token_ids)] token-id prefixes."""
-    return [[int(t) for t in tokenizer(prompt)["input_ids"]] + [tag] for prompt in PROMPTS for tag in fork_token_ids]
-
-
-def hf_greedy(model, tokenizer, prefixes, settings):
-    return generate_completions(model, tokenizer, prefixes, settings.stop_ids, settings.max_new_tokens, 0.0,
-                                suppress_ids=settings.suppress_ids)
 
 
 def test_greedy_completions_equal_hfs_token_for_token(setup):
@@ -153,6 +129,17 @@ def test_a_seeded_call_repeats_and_a_sample_does_not_depend_on_its_batch(setup):
     assert one_batch == first and seen == [(12, 12)]  # a prefix's seed is its index's, not its batch's
 
 
+def test_seeded_prompts_beyond_one_steps_token_budget_are_all_sampled(setup):
+    """64 distinct seeded prompts of 200 tokens (12,800 > the 4,096-token budget of one engine step): on CPU,
+    vLLM 0.32 died when such a prompt was prefilled in two steps (chunked prefill), so the engine turns it off."""
+    export, metadata, tokenizer, engine = setup
+    generator = torch.Generator().manual_seed(0)
+    allowed = torch.tensor([t for t in range(len(tokenizer)) if t not in metadata["fork_token_ids"]])
+    prefixes = [allowed[torch.randint(len(allowed), (200,), generator=generator)].tolist() for _ in range(64)]
+    completions = engine.generate(prefixes, SamplingSettings(1.0, 1.0, 8, [], metadata["fork_token_ids"], seed=2))
+    assert [c.length for c in completions] == [8] * 64
+
+
 def test_an_unsynced_engine_stays_exact_after_a_gfpo_head_update(setup):
     from forklight.modules.gfpo import GFPOModule
 
@@ -197,9 +184,11 @@ def test_gfpo_and_grpo_fit_and_test_on_vllm_through_the_cli(tmp_path):
     assert metrics[vllm[0]] == metrics["--model.init_args.engine=hf"]  # greedy: the same completions, the same metrics
 
 
-def test_under_ddp_each_rank_generates_on_its_own_synced_engine(tmp_path, monkeypatch):
-    """SSFT trains the same whatever the engine, so the greedy validation after two DDP steps must score alike
-    on vLLM (one engine per rank, synced after the steps) and on HF (the training model itself)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_under_ddp_and_fsdp2_each_rank_generates_on_its_own_synced_engine(tmp_path, monkeypatch, strategy):
+    """SSFT trains the same whatever the engine, so the greedy validation after two DDP (FSDP2) steps must score
+    alike on vLLM (one engine per rank, synced after the steps; under FSDP2 from the gathered weights) and on HF
+    (the training model itself)."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("two CPU processes need two cores")
     cores = sorted(os.sched_getaffinity(0))
@@ -209,7 +198,7 @@ def test_under_ddp_each_rank_generates_on_its_own_synced_engine(tmp_path, monkey
               "--model.init_args.num_fork_tokens=3", "--model.init_args.learning_rate=0.03",
               "--trainer.val_check_interval=1"]  # validations after steps 1 and 2: the engine built at 1 syncs at 2
     vllm = ["--model.init_args.engine=vllm", f"--model.init_args.vllm={json.dumps(VLLM_OPTIONS)}"]
-    runs = {engine: fit("ssft.yaml", tmp_path / engine, *common, *options, strategy="ddp", max_steps=2)
+    runs = {engine: fit("ssft.yaml", tmp_path / engine, *common, *options, strategy=strategy, max_steps=2)
             for engine, options in (("hf", []), ("vllm", vllm))}
     expected, actual = (scalars(runs[engine] / "ssft" / "version_0") for engine in ("hf", "vllm"))
     assert expected["val/len"][-1] > 0 and len(expected["val/pass@1"]) == 2  # it generated, twice

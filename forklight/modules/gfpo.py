@@ -121,6 +121,7 @@ class GFPOModule(RLModule[GFPOUpdate]):
 
     # ---- reference policy (exact KL) ---------------------------------------------------------
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.hparams.kl_coef > 0 and not self.ref_log_policy:
             ids, prompts = [], []
             loader = self.trainer.datamodule.train_dataloader()
