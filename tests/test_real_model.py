@@ -23,14 +23,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf() -> str:
-    from forklight.examples import fetch_smollm2
-
-    cache = os.environ.get("FORKLIGHT_MODELS", os.path.join(os.path.expanduser("~"), ".cache", "forklight"))
-    return fetch_smollm2(os.path.join(cache, "smollm2"))
-
-
-@pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> str:
     """The GGUF model converted once to a ``save_pretrained`` dir (loads in a second, not ~20 s)."""
     from forklight.data.rendering import load_tokenizer

@@ -18,7 +18,7 @@ import torch
 
 from forklight.cli import build_cli
 from forklight.rollout import SamplingSettings
-from tests.conftest import (CONFIGS, VLLM_MODEL_CONFIG, hf_greedy, hf_model, prefixes_of, tiny_export, tiny_overrides,
+from tests.conftest import (CONFIGS, REPO, VLLM_MODEL_CONFIG, hf_greedy, hf_model, prefixes_of, tiny_export, tiny_overrides,
                             toy_batch)
 from tests.test_distributed import assert_same_evaluation, fit, scalars
 from tests.test_weight_sync import head_update
@@ -63,6 +63,30 @@ def test_greedy_completions_equal_hfs_token_for_token(setup):
     expected = hf_greedy(model, tokenizer, prefixes, settings)
     assert any(c.truncated for c in expected) and any(not c.truncated for c in expected)
     assert engine.generate(prefixes, settings) == expected  # ids, text, length, truncated, stop token
+
+
+def test_greedy_completions_on_smollm2_equal_hfs_token_for_token(smollm2_gguf):
+    """A real chat model (SmolLM2-135M-Instruct, GQA, tied embeddings, a 49k vocabulary) in float32: 4 chat
+    questions x 4 tags, 48 greedy tokens each, the same on vLLM as on HF."""
+    from forklight.data.records import QuestionRecord
+    from forklight.data.rendering import render_prompt_ids
+    from forklight.modules.ssft import SSFTModule
+    from forklight.vllm_engine import VLLMEngine
+
+    cpu_environment()
+    module = SSFTModule(name_or_path=smollm2_gguf, num_fork_tokens=4, dtype="float32")
+    module.configure_model()
+    module.model.eval()
+    rows = [json.loads(line) for line in (REPO / "tests/fixtures/math_traces/test.jsonl").read_text().splitlines()[:4]]
+    prompts = [render_prompt_ids(module.tokenizer, QuestionRecord(r["id"], r["prompt"], None, r["answer"], [])) for r in rows]
+    prefixes = [[int(t) for t in prompt] + [tag] for prompt in prompts for tag in module.fork_token_ids]
+    engine = VLLMEngine(module.model, module.tokenizer, {**VLLM_OPTIONS, "max_model_len": 1024,
+                                                         "kv_cache_memory_bytes": 2**28})
+    for stop_ids in (module.stop_ids, []):  # untrained tags end the turn early: also 48 tokens past the end
+        settings = SamplingSettings(0.0, 1.0, 48, stop_ids, module.fork_token_ids)
+        expected = hf_greedy(module.model, module.tokenizer, prefixes, settings)
+        assert engine.generate(prefixes, settings) == expected
+    assert sum(c.length for c in expected) == 16 * 48
 
 
 def test_fork_tokens_are_never_sampled_and_load_weights_syncs_the_training_weights(setup):
