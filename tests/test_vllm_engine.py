@@ -36,8 +36,8 @@ def cpu_environment() -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(export directory, its metadata, the tokenizer, a VLLMEngine started once on the export's weights)."""
+def started(tmp_path_factory):
+    """[export directory, its metadata, the tokenizer, a VLLMEngine on the export's weights], started once."""
     from transformers import AutoTokenizer
 
     from forklight.vllm_engine import VLLMEngine
@@ -46,8 +46,18 @@ def setup(tmp_path_factory):
     export = tiny_export(tmp_path_factory.mktemp("vllm"), VLLM_MODEL_CONFIG)
     metadata = json.loads((export / "forklight.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(export)
-    engine = VLLMEngine(hf_model(export), tokenizer, VLLM_OPTIONS)
-    return export, metadata, tokenizer, engine
+    return [export, metadata, tokenizer, VLLMEngine(hf_model(export), tokenizer, VLLM_OPTIONS)]
+
+
+@pytest.fixture
+def setup(started):
+    """The module's engine, started again if another engine of this process closed it (one per process)."""
+    from forklight.vllm_engine import VLLMEngine
+
+    export, metadata, tokenizer, engine = started
+    if engine.closed:
+        started[3] = VLLMEngine(hf_model(export), tokenizer, VLLM_OPTIONS)
+    return tuple(started)
 
 
 def test_greedy_completions_equal_hfs_token_for_token(setup):
@@ -87,6 +97,28 @@ def test_greedy_completions_on_smollm2_equal_hfs_token_for_token(smollm2_gguf):
         expected = hf_greedy(module.model, module.tokenizer, prefixes, settings)
         assert engine.generate(prefixes, settings) == expected
     assert sum(c.length for c in expected) == 16 * 48
+
+
+def test_one_in_process_engine_per_process_and_a_module_rebuilds_its_closed_one(setup):
+    """vLLM's in-process engines share the process's distributed state: a new engine closes the previous one
+    (which then says so), and a module's ModuleEngine builds its engine again."""
+    from forklight.rollout import ModuleEngine
+    from forklight.vllm_engine import VLLMEngine
+
+    export, metadata, tokenizer, engine = setup
+    model = hf_model(export)
+    owner = ModuleEngine("vllm", {"vllm": VLLM_OPTIONS})
+    first = owner.get(model, tokenizer)
+    assert engine.closed and not first.closed  # the fixture's engine was closed by the module's
+    with pytest.raises(RuntimeError, match="this VLLMEngine is closed: another VLLMEngine started in this process"):
+        engine.generate(prefixes_of(tokenizer, metadata["fork_token_ids"]), SamplingSettings(0.0, 1.0, 4, []))
+    other = VLLMEngine(model, tokenizer, VLLM_OPTIONS)
+    assert first.closed
+    second = owner.get(model, tokenizer)
+    assert second is not first and not second.closed and other.closed
+    settings = SamplingSettings(0.0, 1.0, 8, metadata["stop_token_ids"], metadata["fork_token_ids"])
+    prefixes = prefixes_of(tokenizer, metadata["fork_token_ids"])
+    assert second.generate(prefixes, settings) == hf_greedy(model, tokenizer, prefixes, settings)
 
 
 def test_fork_tokens_are_never_sampled_and_load_weights_syncs_the_training_weights(setup):
