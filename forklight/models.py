@@ -54,9 +54,11 @@ def build_causal_lm(
     dtype: str | None,
     trust_remote_code: bool,
     gguf_file: str | None = None,
+    attn_implementation: str | None = None,
 ):
     """A pretrained HF causal LM from ``name_or_path`` (+ ``gguf_file``), or a fresh one from
-    ``model_config`` (vocabulary and special token ids taken from ``tokenizer``)."""
+    ``model_config`` (vocabulary and special token ids taken from ``tokenizer``); ``attn_implementation``:
+    transformers' attention kernel (``sdpa``, ``eager``, ``flash_attention_2``, ...; unset: its default)."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -65,6 +67,8 @@ def build_causal_lm(
         source, gguf = model_source(name_or_path, gguf_file)
         dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         kwargs = {dtype_key: torch_dtype} if torch_dtype is not None else {}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
         if gguf is not None:
             check_gguf(source, gguf)
             kwargs["gguf_file"] = gguf
@@ -79,7 +83,8 @@ def build_causal_lm(
     config.setdefault("vocab_size", len(tokenizer))
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config.setdefault(key, getattr(tokenizer, key))
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+    extra = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), **extra)
     return model.to(torch_dtype) if torch_dtype is not None else model
 
 

@@ -20,12 +20,14 @@ from functools import partial
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from forklight.data.datamodule import ForkDataModule
 from forklight.data.rendering import TraceSetBatch, end_of_turn_id, load_tokenizer
 from forklight.evaluation import QuestionEvaluation
+from forklight.errors import ConfigError
 from forklight.forking import add_fork_tokens, fork_log_policy, fork_token_names, init_fork_embeddings
+from forklight.head import HEAD_MODES, HeadPath, check_chunk_tokens, labels_nll, resolve_head
 from forklight.models import DTYPES, apply_lora, build_causal_lm, check_gguf, keep_master_weights, lora_settings
 from forklight.modules.evaluating import Evaluator, check_evaluation_settings
 from forklight.rewards import gold_answer_parser, resolve_callable, resolve_verifier, score_batch
@@ -72,6 +74,9 @@ class ForkModule(L.LightningModule):
         engine: str = "hf",
         vllm: dict | None = None,
         vllm_server: dict | None = None,
+        loss_head: str = "auto",
+        loss_chunk_tokens: int = 512,
+        attn_implementation: str | None = None,
         pass_k: int | None = None,
         fork_policy: str = "coverage",
         fixed_tag: int = 0,
@@ -123,6 +128,14 @@ class ForkModule(L.LightningModule):
             vllm: options of ``engine: vllm`` (:class:`~forklight.vllm_engine.VLLMSettings`: gpu_memory_utilization, ...).
             vllm_server: options of ``engine: vllm-server`` (:class:`~forklight.vllm_server.VLLMServerSettings`:
                 endpoints, timeout_s, ...).
+            loss_head: how training losses reach the LM head (:mod:`forklight.head`): ``chunked`` (from the
+                hidden states of the scored positions, ``loss_chunk_tokens`` at a time, recomputed in backward:
+                never ``[rows, T, V]`` logits), ``liger`` (Liger's fused kernel for the SSFT/SFT loss; CUDA),
+                ``auto`` (liger where it runs, else chunked) or ``full`` (the model's full logits).
+            loss_chunk_tokens: scored positions whose logits are alive at once under ``chunked``.
+            attn_implementation: transformers' attention kernel (``sdpa``, ``eager``, ``flash_attention_2``,
+                ``flex_attention``; unset: transformers' default). Packed rows need one that honours
+                ``position_ids`` restarts (all of these do).
             pass_k: k of ``val/pass@k`` and ``val/cons@{k}`` (default: all samples of a question, N * n_per_tag).
             fork_policy: single-shot tag choice for ``val/pass@1``: ``learned`` (sample from the model's tag
                 distribution), ``argmax`` (its most likely tag), ``coverage`` (default tag), ``fixed``, ``uniform``.
@@ -167,6 +180,7 @@ class ForkModule(L.LightningModule):
         if self.starting_point is not None and self.starting_point.tag_coverage:  # an export's default tag carries over
             self.tag_coverage.copy_(torch.tensor(self.starting_point.tag_coverage, dtype=self.tag_coverage.dtype))
         self.model = None
+        self._head_path: HeadPath | None = None  # resolved on first use (head_path)
         self._engine = ModuleEngine(hp.engine, hp)  # built on first use (generation_engine)
         self.fault_counts: Counter[str] = Counter()  # reward_errors, reward_timeouts, nonfinite_skipped (saved)
         self.evaluator = Evaluator(self)  # validation, test and predict (DESIGN.md §2)
@@ -182,6 +196,9 @@ class ForkModule(L.LightningModule):
         engine_class(hp.engine)  # a known, installed engine
         vllm_settings(hp.get("vllm"))  # valid model.vllm options, whatever the engine
         vllm_server_settings(hp.get("vllm_server"))
+        if hp.get("loss_head", "auto") not in HEAD_MODES:
+            raise ConfigError(f"model.init_args.loss_head must be one of {HEAD_MODES}, got {hp.loss_head!r}")
+        check_chunk_tokens(hp.get("loss_chunk_tokens", 512))
         check_evaluation_settings(hp)
         if hp.learning_rate <= 0:
             raise ValueError(f"model.learning_rate must be > 0, got {hp.learning_rate}")
@@ -254,7 +271,8 @@ class ForkModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)
             model = build_causal_lm(
-                hp.name_or_path, hp.model_config, self.tokenizer, hp.dtype, hp.trust_remote_code, hp.get("gguf_file"))
+                hp.name_or_path, hp.model_config, self.tokenizer, hp.dtype, hp.trust_remote_code, hp.get("gguf_file"),
+                hp.get("attn_implementation"))
         if self._new_fork_token_ids:
             init_fork_embeddings(model, self._new_fork_token_ids, self._vocab_before_fork_tokens, hp.seed, hp.fork_init_noise)
         model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -344,6 +362,21 @@ class ForkModule(L.LightningModule):
         sequences per call, seeded with ``seed``."""
         return SamplingSettings(temperature, top_p, max_new_tokens, stop_ids=self.stop_ids,
                                 suppress_ids=self.fork_token_ids, seed=seed, batch_size=self.hparams.generation_batch_size)
+
+    def head_path(self) -> HeadPath:
+        """How this module's losses reach the LM head (``model.loss_head``), decided once on the built model; a
+        model that cannot take the chunked path says why once and uses its full logits (:mod:`forklight.head`)."""
+        if self._head_path is None:
+            self._head_path = resolve_head(self.hparams.get("loss_head", "auto"), self.model)
+            if self._head_path.reason:
+                rank_zero_warn(f"model.loss_head={self.hparams.get('loss_head', 'auto')}: {self._head_path.reason}")
+        return self._head_path
+
+    def supervised_nll(self, model, labels: torch.Tensor, temperature: float = 1.0, **inputs) -> torch.Tensor:
+        """NLL [K] of every supervised token of ``labels`` [R, T] from one forward of ``model`` (row-major order),
+        through :meth:`head_path` (:func:`~forklight.head.labels_nll`)."""
+        return labels_nll(model, self.head_path(), labels, self.hparams.get("loss_chunk_tokens", 512), temperature,
+                          **inputs)
 
     def generation_engine(self) -> GenerationEngine:
         """The engine of every completion (``model.engine``): built on first use, synced after steps (ModuleEngine)."""

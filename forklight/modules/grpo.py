@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from forklight.data.rendering import IGNORE_INDEX, Rows, assemble_rows
-from forklight.losses import GRPO_LOSS_TYPES, LossParts, grpo_loss, grpo_normaliser, supervised_mask, token_nll
+from forklight.head import scored_positions
+from forklight.losses import GRPO_LOSS_TYPES, LossParts, grpo_loss, grpo_normaliser, supervised_mask
 from forklight.modules.rl import RLModule, without_dropout
 
 
@@ -83,9 +84,11 @@ class GRPOModule(RLModule[GRPOUpdate]):
     def token_log_probs(self, model, rows: Rows) -> torch.Tensor:
         """log pi(token) of every next token of ``rows`` [S, T-1] (0 on unsupervised positions): the
         distribution the rollouts were sampled from, ``rollout_temperature`` and no dropout."""
-        with without_dropout(model):
-            logits = model(input_ids=rows.input_ids, use_cache=False).logits  # [S, T, V]; right padding needs no mask
-        return -token_nll(logits, rows.labels, self.hparams.rollout_temperature)
+        with without_dropout(model):  # right padding needs no mask
+            nll = self.supervised_nll(model, rows.labels, self.hparams.rollout_temperature, input_ids=rows.input_ids)  # [K]
+        at, positions = scored_positions(rows.labels)  # [K], [K]
+        log_probs = nll.new_zeros(rows.labels.shape[0], rows.labels.shape[1] - 1)  # [S, T-1]
+        return log_probs.index_put((at, positions), -nll)
 
     def update_row_chunks(self, update: GRPOUpdate) -> list[slice]:
         return update.chunks

@@ -35,13 +35,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from forklight.data.rendering import TraceSetBatch, assemble_rows
+from forklight.head import check_chunk_tokens, head_nll, head_removed, hidden_states, liger_nll_sum, scored_positions
 from forklight.losses import (
     TokenWindow,
     accumulation_correction,
     data_parallel_token_mean,
     group_means,
     scored_token_nll,
-    summed_nll,
     window_token_mean_part,
 )
 from forklight.matching import MATCHING_MODES, assignment_cost, expected_random_cost, match_traces_to_tags
@@ -65,7 +65,8 @@ class SSFTModule(ForkModule):
         self,
         matching: str = "hungarian",
         match_prefix_tokens: int | None = 1000,
-        match_chunk_rows: int = 256,
+        match_chunk_tokens: int = 16384,
+        match_chunk_rows: int | None = None,
         match_share_prompt: bool = True,
         match_dtype: str | None = None,
         **kwargs,
@@ -75,7 +76,9 @@ class SSFTModule(ForkModule):
         Args:
             matching: ``hungarian`` (SSFT), ``random``, ``fixed`` or ``single`` (SFT-mixed).
             match_prefix_tokens: trace tokens scored for the matching cost (unset = whole trace).
-            match_chunk_rows: rows per no-grad forward pass when computing the cost matrix.
+            match_chunk_tokens: right-padded tokens (rows x longest row) per no-grad forward pass of the cost
+                matrix; its logits are never whole (``model.loss_head``), so the default is safe at a 152k vocabulary.
+            match_chunk_rows: also at most this many rows per cost forward (unset: no row limit).
             match_share_prompt: run each question's prompt once per chunk and the cost rows only over
                 ``[tag | trace prefix]`` on its KV cache (same costs; models whose cache has
                 sliding-window or recurrent layers fall back to whole rows).
@@ -90,8 +93,9 @@ class SSFTModule(ForkModule):
             raise ValueError(f"model.matching must be one of {MATCHING_MODES}, got {matching!r}")
         if match_prefix_tokens is not None and match_prefix_tokens < 1:
             raise ValueError(f"model.match_prefix_tokens must be >= 1 or null, got {match_prefix_tokens}")
-        if match_chunk_rows < 1:
-            raise ValueError(f"model.match_chunk_rows must be >= 1, got {match_chunk_rows}")
+        if match_chunk_rows is not None and match_chunk_rows < 1:
+            raise ValueError(f"model.match_chunk_rows must be >= 1 or null, got {match_chunk_rows}")
+        check_chunk_tokens(match_chunk_tokens, "model.init_args.match_chunk_tokens")
         if match_dtype is not None and match_dtype not in MATCH_DTYPES:
             raise ValueError(f"model.match_dtype must be one of {sorted(MATCH_DTYPES)} or null, got {match_dtype!r}")
         self.last_assignments: list[tuple[list[str | None], list[int]]] = []  # (sources, tags) per question
@@ -127,24 +131,34 @@ class SSFTModule(ForkModule):
         was_training = self.model.training
         self.model.eval()
         costs = torch.empty(len(pairs), dtype=torch.float32)  # whatever the default dtype (bf16-true sets it)
-        chunk_rows = self.hparams.match_chunk_rows
+        chunked = self.head_path().chunked
+        bounds = self.cost_chunks([len(batch.prompt_ids[q]) + len(suffix) for q, suffix in zip(row_questions, row_suffixes)])
+        chunk_of_row = np.searchsorted(np.asarray(bounds[1:]), np.arange(len(row_suffixes)), side="right")
         by_chunk: dict[int, list[int]] = {}
         for p, (row, _) in enumerate(pairs):
-            by_chunk.setdefault(row // chunk_rows, []).append(p)
+            by_chunk.setdefault(int(chunk_of_row[row]), []).append(p)
         forwards = 0
         for chunk_index, members in sorted(by_chunk.items()):
-            start = chunk_index * chunk_rows
-            chunk = slice(start, start + chunk_rows)
-            logits, tag_positions, used = self._cost_logits(batch.prompt_ids, row_questions[chunk], row_suffixes[chunk])
+            start = bounds[chunk_index]
+            chunk = slice(start, bounds[chunk_index + 1])
+            with head_removed(self.model) if chunked else contextlib.nullcontext() as head:
+                outputs, tag_positions, used = self._cost_logits(batch.prompt_ids, row_questions[chunk],
+                                                                 row_suffixes[chunk])  # [R, T, D] or [R, T, V]
             forwards += used
             scored = [pairs[p] for p in members]
             rows = torch.cat([torch.full((len(s),), r - start) for r, s in scored])  # [K]
             positions = torch.cat([torch.arange(len(s)) + tag_positions[r - start] for r, s in scored])  # [K]: tag onwards
             targets = torch.cat([s.cpu() for _, s in scored])  # [K]
             owners = torch.cat([torch.full((len(s),), i) for i, (_, s) in enumerate(scored)])  # [K]
-            nll = scored_token_nll(logits, rows, positions, targets)  # [K]
+            if chunked:  # the head on the scored positions only
+                device = outputs.device
+                with self._match_autocast():
+                    nll = head_nll(head, outputs[rows.to(device), positions.to(device)], targets,
+                                   self.hparams.loss_chunk_tokens)  # [K]
+            else:
+                nll = scored_token_nll(outputs, rows, positions, targets)  # [K]
             costs[members] = group_means(nll, owners, len(members)).float().cpu()
-            del logits
+            del outputs
         if forward_is_collective(self.model):  # FSDP: as many forward passes as the busiest rank, or it waits
             busiest = self.trainer.strategy.reduce(torch.tensor(forwards, device=self.device), reduce_op="max")
             for _ in range(int(busiest) - forwards):
@@ -157,6 +171,20 @@ class SSFTModule(ForkModule):
             matrices.append(flat[offset : offset + size].reshape(num_tags, len(question_traces)))  # [N, M_b]
             offset += size
         return matrices
+
+    def cost_chunks(self, lengths: list[int]) -> list[int]:
+        """Boundaries ``[0, b_1, ..., R]`` of the cost forwards' chunks of consecutive rows: as many rows as fit in
+        ``match_chunk_tokens`` right-padded tokens (rows x the chunk's longest row; at least one row), and at most
+        ``match_chunk_rows`` rows when that is set."""
+        budget, most = self.hparams.match_chunk_tokens, self.hparams.match_chunk_rows
+        bounds, longest = [0], 0
+        for row, length in enumerate(lengths):
+            size = row - bounds[-1]
+            if size and ((size + 1) * max(longest, length) > budget or (most is not None and size >= most)):
+                bounds.append(row)
+                longest = 0
+            longest = max(longest, length)
+        return bounds + [len(lengths)]
 
     def _cost_logits(
         self, prompts: list[torch.Tensor], questions: list[int], suffixes: list[torch.Tensor]
@@ -260,8 +288,15 @@ class SSFTModule(ForkModule):
         rows = assemble_rows(prompts, tags, traces, self.tokenizer.pad_token_id)  # [B*M, T]
         # Rows are right-padded: under causal attention no real token sees a pad, and pads get no
         # loss, so no attention mask is needed (the masked path is ~1.5x slower on CPU).
-        logits = self.model(input_ids=rows.input_ids).logits  # [B*M, T, V]
-        nll_sum, num_tokens = summed_nll(logits, rows.labels)
+        path = self.head_path()
+        if path.liger:
+            hidden, head = hidden_states(self.model, input_ids=rows.input_ids)  # [B*M, T, D]
+            at, positions = scored_positions(rows.labels)  # [K], [K]
+            nll_sum = liger_nll_sum(head, hidden[at, positions], rows.labels[at, positions + 1])
+            num_tokens = torch.tensor(float(len(at)), device=self.device)
+        else:
+            nll = self.supervised_nll(self.model, rows.labels, input_ids=rows.input_ids)  # [K]
+            nll_sum, num_tokens = nll.sum(), torch.tensor(float(len(nll)), device=nll.device)
         global_tokens = self.sum_over_ranks(num_tokens)
         world_size = self.trainer.world_size if self._trainer is not None else 1
         return data_parallel_token_mean(nll_sum, global_tokens, world_size), global_tokens

@@ -1,0 +1,142 @@
+"""Losses from hidden states (``model.loss_head``, forklight/head.py): the chunked path gives the full-logits
+path's losses (1e-5 relative) and gradients (1e-4) on Llama- and GPT-2-style models, tied and untied heads and
+LoRA, for the SSFT loss, the matching costs and GRPO's token log-probs; the head never sees more than
+``loss_chunk_tokens`` positions at once and never a prompt position; a model whose logits are not its head on
+its hidden states (Gemma-2's soft-capping) falls back to full logits and says why; liger off CUDA is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from forklight.errors import ConfigError
+from forklight.head import head_nll, resolve_head
+from forklight.losses import token_nll
+from forklight.modules.ssft import SSFTModule
+from tests.conftest import TINY_MODEL_CONFIG, tiny_export, toy_batch
+
+GPT2_CONFIG = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 256}
+MODELS = {
+    "llama-untied": {**TINY_MODEL_CONFIG, "tie_word_embeddings": False},
+    "llama-tied": {**TINY_MODEL_CONFIG, "tie_word_embeddings": True},
+    "gpt2-tied": GPT2_CONFIG,
+}
+
+
+def ssft(config: dict, loss_head: str, **kwargs) -> SSFTModule:
+    module = SSFTModule(model_config=dict(config), tokenizer="toy", num_fork_tokens=4, loss_head=loss_head,
+                        loss_chunk_tokens=7, **kwargs)  # a chunk size that splits the scored positions unevenly
+    module.configure_model()
+    return module
+
+
+def loss_and_gradients(module: SSFTModule, batch, assignments) -> tuple[float, dict[str, torch.Tensor]]:
+    module.model.zero_grad()
+    torch.manual_seed(0)  # the same dropout masks (GPT-2 has dropout; the head has none)
+    loss, tokens = module.matched_loss(batch, assignments)
+    loss.backward()
+    return float(loss), {name: p.grad.clone() for name, p in module.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("lora", [False, True])
+def test_chunked_ssft_loss_and_gradients_equal_the_full_logits_path(name, lora):
+    options = {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"] if "llama" in name else ["c_attn"]}} if lora else {}
+    full, chunked = ssft(MODELS[name], "full", **options), ssft(MODELS[name], "chunked", **options)
+    chunked.model.load_state_dict(full.model.state_dict())
+    assert chunked.head_path().chunked and not full.head_path().chunked
+    batch = toy_batch(2)
+    assignments = full.match(batch)
+    expected_loss, expected = loss_and_gradients(full, batch, assignments)
+    loss, gradients = loss_and_gradients(chunked, batch, assignments)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert expected.keys() == gradients.keys() and len(gradients) > 2
+    for key in expected:
+        torch.testing.assert_close(gradients[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_chunked_matching_costs_equal_the_full_logits_costs(share):
+    full = ssft(MODELS["llama-untied"], "full", match_prefix_tokens=5, match_share_prompt=share)
+    chunked = ssft(MODELS["llama-untied"], "chunked", match_prefix_tokens=5, match_share_prompt=share)
+    chunked.model.load_state_dict(full.model.state_dict())
+    batch = toy_batch(3)
+    for got, want in zip(chunked.trace_tag_costs(batch), full.trace_tag_costs(batch)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_head_sees_only_scored_positions_a_chunk_at_a_time():
+    module = ssft(MODELS["llama-untied"], "chunked")
+    batch = toy_batch(2)
+    assignments = module.match(batch)  # decides the head path (a probe) and runs the costs
+    seen = []
+    module.model.get_output_embeddings().register_forward_hook(lambda m, inputs, output: seen.append(inputs[0].shape))
+    loss, tokens = module.matched_loss(batch, assignments)
+    loss.backward()  # recomputes each chunk
+    supervised = int(tokens)  # positions whose next token is supervised (trace tokens): no prompt position
+    assert supervised == sum(len(trace) for traces in batch.trace_ids for trace in traces)  # end of turn included
+    assert all(len(shape) == 2 and shape[0] <= 7 for shape in seen)  # [c, D], c <= loss_chunk_tokens
+    assert sum(shape[0] for shape in seen) == 2 * supervised  # each scored position once, and once in backward
+
+
+def test_head_nll_matches_cross_entropy_with_temperature_and_no_grad():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    hidden, targets = torch.randn(23, 16), torch.randint(50, (23,))
+    for temperature in (1.0, 0.7):
+        expected = torch.nn.functional.cross_entropy(head(hidden) / temperature, targets, reduction="none")
+        with torch.no_grad():
+            torch.testing.assert_close(head_nll(head, hidden, targets, 5, temperature), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grpo_token_log_probs_equal_on_both_paths(tmp_path):
+    from forklight.data.rendering import assemble_rows
+    from forklight.modules.grpo import GRPOModule
+
+    export = tiny_export(tmp_path)
+    modules = {}
+    for mode in ("full", "chunked"):
+        modules[mode] = GRPOModule(init_from=str(export), num_fork_tokens=3, loss_head=mode, loss_chunk_tokens=5,
+                                   rollout_temperature=0.8)
+        modules[mode].configure_model()
+    batch = toy_batch(2)
+    rows = assemble_rows(list(batch.prompt_ids), [modules["full"].fork_token_ids[0]] * 2,
+                         [traces[0] for traces in batch.trace_ids], 0)
+    full = modules["full"].token_log_probs(modules["full"].model, rows)
+    chunked = modules["chunked"].token_log_probs(modules["chunked"].model, rows)
+    assert chunked.shape == full.shape == (2, rows.input_ids.shape[1] - 1)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    reference = -token_nll(modules["full"].model(input_ids=rows.input_ids).logits, rows.labels, 0.8)
+    torch.testing.assert_close(full, reference)
+
+
+def test_a_model_whose_logits_are_not_its_head_falls_back_to_full_logits_and_says_why():
+    gemma = {"model_type": "gemma2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 64, "final_logit_softcapping": 2.0}
+    module = ssft(gemma, "auto")
+    with pytest.warns(UserWarning, match=r"model.loss_head=auto: losses use the model's full logits: its logits are "
+                                         r"not its head applied to its last hidden states"):
+        assert not module.head_path().chunked
+    batch = toy_batch(1)
+    loss, _ = module.matched_loss(batch, module.match(batch))
+    assert torch.isfinite(loss)
+
+
+def test_liger_off_cuda_and_unknown_modes_are_refused_naming_the_key(tiny_ssft):
+    module = tiny_ssft()
+    with pytest.raises(ConfigError, match=r"model.init_args.loss_head=liger cannot run: it runs on CUDA only.*"
+                                          r"use loss_head: chunked"):
+        resolve_head("liger", module.model)
+    with pytest.raises(ConfigError, match=r"model.init_args.loss_head must be one of"):
+        tiny_ssft(loss_head="fused")
+    with pytest.raises(ConfigError, match=r"model.init_args.loss_chunk_tokens must be an int >= 1"):
+        tiny_ssft(loss_chunk_tokens=0)
+    assert resolve_head("auto", module.model).chunked and not resolve_head("auto", module.model).liger  # CPU
+
+
+def test_cost_chunks_are_sized_by_padded_tokens(tiny_ssft):
+    module = tiny_ssft(match_chunk_tokens=100)
+    assert module.cost_chunks([30, 30, 30, 30, 50, 10]) == [0, 3, 5, 6]  # 3x30 | 2x50 | 10
+    assert module.cost_chunks([500, 20]) == [0, 1, 2]  # a row longer than the budget runs alone
+    assert tiny_ssft(match_chunk_tokens=100, match_chunk_rows=2).cost_chunks([10] * 5) == [0, 2, 4, 5]
