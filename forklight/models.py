@@ -272,3 +272,25 @@ def keep_master_weights(model, dtype: str | None, precision: str, learning_rate:
         f"model.learning_rate={learning_rate:g} most do. Set trainer.precision=bf16-mixed (forklight then keeps "
         "fp32 master weights) or leave model.dtype unset.")
     return "warned"
+
+
+@torch.no_grad()
+def probe_packing(model) -> str:
+    """Why ``model`` cannot take packed rows ("" when it can): two sequences packed in one row, positions restarting
+    at the second, must give the logits each gives alone (attention must not cross sequences)."""
+    device = next(model.parameters()).device
+    first, second = torch.tensor([1, 2, 3, 4], device=device), torch.tensor([5, 6, 7], device=device)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device)  # [1, 7]
+    was_training = model.training
+    model.eval()
+    try:
+        alone = torch.cat([model(input_ids=ids[None], use_cache=False).logits[0] for ids in (first, second)])  # [7, V]
+        packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions, use_cache=False).logits[0]
+    except Exception as error:  # noqa: BLE001 (a model whose forward rejects position_ids)
+        return f"its forward fails on packed rows ({type(error).__name__}: {error})"
+    finally:
+        model.train(was_training)
+    if not torch.allclose(alone.float(), packed.float(), rtol=1e-4, atol=1e-4):
+        return ("attention crosses sequences in a packed row (its attention implementation ignores restarting "
+                "position_ids; try model.attn_implementation: sdpa, eager or flash_attention_2)")
+    return ""

@@ -125,6 +125,7 @@ class Rows:
 
     input_ids: torch.Tensor  # [R, T]
     labels: torch.Tensor  # [R, T], IGNORE_INDEX on prompt, tag and padding
+    position_ids: torch.Tensor | None = None  # [R, T] of packed rows (restart at 0 per sequence); None: 0..T-1
 
 
 def assemble_rows(
@@ -147,6 +148,52 @@ def assemble_rows(
         input_ids[row, : len(piece)] = piece
         labels[row, start : len(piece)] = piece[start:]
     return Rows(input_ids=input_ids, labels=labels)
+
+
+def pack_rows(
+    prompts: Sequence[torch.Tensor],
+    tags: Sequence[int],
+    continuations: Sequence[torch.Tensor],
+    pad_id: int,
+    pack_length: int | None = None,
+) -> Rows:
+    """The sequences ``[prompt | tag | continuation]`` of :func:`assemble_rows`, packed end to end into as few
+    rows of ``pack_length`` tokens as first-fit decreasing finds (default: the longest sequence's length; a longer
+    sequence gets a row of its own), with ``position_ids`` restarting at 0 for each sequence, so that attention
+    (transformers' block-diagonal mask from packed positions, or varlen kernels) never crosses sequences.
+
+    Each row is right-padded to the longest row (the pads form a sequence of their own, never supervised). The
+    label of a sequence's last token predicts nothing across the boundary: the next sequence starts with its
+    prompt, which is never supervised. Returns input_ids, labels and position_ids, each [P, L].
+    """
+    pieces = [torch.cat([prompt, torch.tensor([tag], dtype=prompt.dtype, device=prompt.device), continuation])
+              for prompt, tag, continuation in zip(prompts, tags, continuations, strict=True)]
+    capacity = max(pack_length or 0, max(len(piece) for piece in pieces))
+    bins: list[list[int]] = []  # sequence indices of each packed row
+    room: list[int] = []  # tokens left in each row
+    for index in sorted(range(len(pieces)), key=lambda i: -len(pieces[i])):  # first-fit decreasing
+        row = next((r for r, left in enumerate(room) if left >= len(pieces[index])), None)
+        if row is None:
+            bins.append([])
+            room.append(capacity)
+            row = len(bins) - 1
+        bins[row].append(index)
+        room[row] -= len(pieces[index])
+    length = max(capacity - left for left in room)
+    device = pieces[0].device
+    input_ids = torch.full((len(bins), length), pad_id, dtype=torch.long, device=device)  # [P, L]
+    labels = torch.full((len(bins), length), IGNORE_INDEX, dtype=torch.long, device=device)  # [P, L]
+    position_ids = torch.zeros((len(bins), length), dtype=torch.long, device=device)  # [P, L]
+    for row, members in enumerate(bins):
+        offset = 0
+        for index in members:
+            piece, start = pieces[index], len(prompts[index]) + 1
+            input_ids[row, offset : offset + len(piece)] = piece
+            labels[row, offset + start : offset + len(piece)] = piece[start:]
+            position_ids[row, offset : offset + len(piece)] = torch.arange(len(piece), device=device)
+            offset += len(piece)
+        position_ids[row, offset:] = torch.arange(length - offset, device=device)  # the pads: a sequence of their own
+    return Rows(input_ids=input_ids, labels=labels, position_ids=position_ids)
 
 
 def left_padded_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,9 @@
 path's losses (1e-5 relative) and gradients (1e-4) on Llama- and GPT-2-style models, tied and untied heads and
 LoRA, for the SSFT loss, the matching costs and GRPO's token log-probs; the head never sees more than
 ``loss_chunk_tokens`` positions at once and never a prompt position; a model whose logits are not its head on
-its hidden states (Gemma-2's soft-capping) falls back to full logits and says why; liger off CUDA is refused."""
+its hidden states (Gemma-2's soft-capping) falls back to full logits and says why; liger off CUDA is refused.
+Packing (``model.pack_rows``): whole sequences with restarting positions, the same loss and gradients as
+padding on Llama and GPT-2, and a model whose attention crosses packed sequences is padded instead."""
 
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ def test_the_head_sees_only_scored_positions_a_chunk_at_a_time():
     module = ssft(MODELS["llama-untied"], "chunked")
     batch = toy_batch(2)
     assignments = module.match(batch)  # decides the head path (a probe) and runs the costs
+    module.packing()  # the packing probe runs the whole model once
     seen = []
     module.model.get_output_embeddings().register_forward_hook(lambda m, inputs, output: seen.append(inputs[0].shape))
     loss, tokens = module.matched_loss(batch, assignments)
@@ -140,3 +143,60 @@ def test_cost_chunks_are_sized_by_padded_tokens(tiny_ssft):
     assert module.cost_chunks([30, 30, 30, 30, 50, 10]) == [0, 3, 5, 6]  # 3x30 | 2x50 | 10
     assert module.cost_chunks([500, 20]) == [0, 1, 2]  # a row longer than the budget runs alone
     assert tiny_ssft(match_chunk_tokens=100, match_chunk_rows=2).cost_chunks([10] * 5) == [0, 2, 4, 5]
+
+
+# ---- packing (model.pack_rows) ---------------------------------------------------------------------------------------
+def test_pack_rows_packs_whole_sequences_with_restarting_positions():
+    from forklight.data.rendering import assemble_rows, pack_rows
+
+    batch = toy_batch(3)
+    prompts = [batch.prompt_ids[q] for q, traces in enumerate(batch.trace_ids) for _ in traces]
+    traces = [trace for traces in batch.trace_ids for trace in traces]
+    tags = [90 + i % 3 for i in range(len(traces))]
+    padded, packed = assemble_rows(prompts, tags, traces, 0), pack_rows(prompts, tags, traces, 0)
+    assert packed.input_ids.shape[0] < padded.input_ids.shape[0]  # fewer rows...
+    assert packed.input_ids.shape[1] == padded.input_ids.shape[1]  # ...no longer than the longest sequence
+    assert packed.input_ids.numel() < padded.input_ids.numel()
+    sequences = []
+    for ids, labels, positions in zip(packed.input_ids, packed.labels, packed.position_ids):
+        starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
+        sequences += [(ids[a:b].tolist(), labels[a:b].tolist()) for a, b in zip(starts, starts[1:])]
+    expected = [(ids[: len(p) + 1 + len(t)].tolist(), labels[: len(p) + 1 + len(t)].tolist())
+                for ids, labels, p, t in zip(padded.input_ids, padded.labels, prompts, traces)]
+    assert sorted(s for s in sequences if any(label != -100 for label in s[1])) == sorted(expected)
+    assert (packed.labels != -100).sum() == (padded.labels != -100).sum()
+    one_row = pack_rows(prompts, tags, traces, 0, pack_length=10_000)
+    assert one_row.input_ids.shape == (1, sum(len(p) + 1 + len(t) for p, t in zip(prompts, traces)))
+
+
+@pytest.mark.parametrize("name", ["llama-untied", "gpt2-tied"])
+def test_packed_and_padded_rows_give_the_same_loss_and_gradients(name):
+    padded, packed = ssft(MODELS[name], "chunked", pack_rows=False), ssft(MODELS[name], "chunked", pack_rows=True)
+    packed.model.load_state_dict(padded.model.state_dict())
+    batch = toy_batch(3)
+    assignments = padded.match(batch)
+    expected_loss, expected = loss_and_gradients(padded.eval(), batch, assignments)  # eval: no dropout masks
+    loss, gradients = loss_and_gradients(packed.eval(), batch, assignments)
+    assert packed.packing() and not padded.packing()
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    for key in expected:
+        torch.testing.assert_close(gradients[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+class _IgnoresPositions(torch.nn.Module):
+    """A model that drops ``position_ids``: its attention runs across packed sequences."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, position_ids=None, **kwargs):
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+def test_a_model_whose_attention_crosses_packed_sequences_is_padded_and_says_why():
+    module = ssft(MODELS["llama-untied"], "full")
+    module.model = _IgnoresPositions(module.model)
+    with pytest.warns(UserWarning, match=r"model.pack_rows is on, but _IgnoresPositions cannot take packed rows: "
+                                         r"attention crosses sequences"):
+        assert not module.packing()
