@@ -200,3 +200,54 @@ def test_a_model_whose_attention_crosses_packed_sequences_is_padded_and_says_why
     with pytest.warns(UserWarning, match=r"model.pack_rows is on, but _IgnoresPositions cannot take packed rows: "
                                          r"attention crosses sequences"):
         assert not module.packing()
+
+
+# ---- token-budget batches (data.max_tokens_per_batch) -----------------------------------------------------------------
+def test_token_budget_batches_respect_the_budget_and_balance_the_ranks():
+    from forklight.data.batching import token_budget_batches
+
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in np.clip(rng.lognormal(6, 1, size=200), 64, 4096)]
+    order = list(rng.permutation(200))
+    batches = token_budget_batches(order, lengths, max_tokens=3000, num_replicas=2)
+    assert batches == token_budget_batches(order, lengths, max_tokens=3000, num_replicas=2)  # same on every rank
+    seen = [i for shares in batches for share in shares for i in share]
+    assert len(seen) == len(set(seen)) and set(seen) <= set(order) and len(seen) >= 198  # at most a tail dropped
+    sizes = set()
+    for shares in batches:
+        assert all(shares)  # every rank gets a question
+        total = sum(lengths[i] for share in shares for i in share)
+        loads = [sum(lengths[i] for i in share) for share in shares]
+        assert total <= 2 * 3000 or sum(map(len, shares)) == 2  # over budget only with one question per rank
+        assert max(loads) - min(loads) <= max(lengths[i] for share in shares for i in share)  # balanced by tokens
+        sizes.add(sum(map(len, shares)))
+    assert len(sizes) > 3  # batches of many short questions and of few long ones
+    assert token_budget_batches([0, 1, 2], [10, 5000, 10], 100) == [[[0]], [[1]], [[2]]]  # too long: alone
+
+
+def test_an_ssft_fit_with_token_budget_batches(tmp_path):
+    from forklight.cli import build_cli
+    from tests.conftest import CONFIGS, tiny_overrides
+
+    cli = build_cli(["fit", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path, max_steps=3),
+                     "--data.init_args.max_tokens_per_batch=300"])
+    loader = cli.trainer.train_dataloader
+    sizes = [len(batch) for batch in loader]
+    tokens = [sum(len(p) + sum(map(len, ts)) for p, ts in zip(batch.prompt_ids, batch.trace_ids)) for batch in loader]
+    assert len(set(sizes)) > 1 and all(t <= 300 for t, n in zip(tokens, sizes) if n > 1)
+    assert cli.trainer.global_step == 3
+    with pytest.raises(ConfigError, match="data.max_tokens_per_batch must be >= 1 or null, got 0"):
+        build_cli(["fit", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), "--data.init_args.max_tokens_per_batch=0"])
+
+
+@pytest.mark.slow
+def test_token_budget_batches_under_ddp_step_like_one_process_with_the_global_budget(tmp_path):
+    """Two ranks with 400 tokens each cut the same global batches as one process with 800 (each split by tokens
+    over the ranks), so the per-step losses (the global token mean) agree."""
+    from tests.test_distributed import LOSS_TOLERANCE, fit, scalars
+
+    runs = {name: scalars(fit("ssft.yaml", tmp_path / name, f"--data.init_args.max_tokens_per_batch={budget}",
+                              strategy=strategy) / "ssft" / "version_0")
+            for name, budget, strategy in (("single", 800, None), ("ddp", 400, "ddp"))}
+    assert len(runs["single"]["train/loss"]) == 3
+    assert runs["ddp"]["train/loss"] == pytest.approx(runs["single"]["train/loss"], **LOSS_TOLERANCE)

@@ -28,7 +28,9 @@ class QuestionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.questions)
 
-    def __getitem__(self, index: int) -> RenderedQuestion:
+    def __getitem__(self, index: int | list[int]) -> RenderedQuestion | list[RenderedQuestion]:
+        if isinstance(index, list):  # a whole batch (LengthGroupedSampler with max_tokens yields index lists)
+            return [self[i] for i in index]
         question = self.questions[index]
         if self.max_traces is None or len(question.trace_ids) <= self.max_traces:
             return question
@@ -57,14 +59,18 @@ class LengthGroupedSampler(DistributedSampler):
     question's traces stay together, and R ranks with batch b see exactly the batches one process
     with batch R*b sees. It is a ``DistributedSampler`` so that Lightning uses it as it is: it wraps
     any other sampler in one that reshuffles its output, undoing the length grouping.
+
+    With ``max_tokens`` (``data.max_tokens_per_batch``) it yields whole batches, lists of indices, formed by
+    tokens instead (:func:`token_budget_batches`): the loader then takes ``batch_size=None``.
     """
 
     def __init__(self, dataset: QuestionDataset, batch_size: int, seed: int, window_batches: int = 32,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+                 num_replicas: int = 1, rank: int = 0, max_tokens: int | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.dataset = dataset
         self.lengths = [len(q.prompt_ids) + sum(len(t) for t in q.trace_ids) for q in dataset.questions]
         self.batch_size = batch_size
+        self.max_tokens = max_tokens
         self.window = batch_size * num_replicas * window_batches
         self.seed = seed
         self.epoch = 0
@@ -74,15 +80,31 @@ class LengthGroupedSampler(DistributedSampler):
         self.dataset.epoch = epoch
 
     def __len__(self) -> int:
+        if self.max_tokens is not None:
+            return len(self.token_batches())
         if self.num_replicas == 1:
             return len(self.lengths)
         return len(self.lengths) // (self.batch_size * self.num_replicas) * self.batch_size
 
-    def __iter__(self):
+    def grouped_order(self) -> list[int]:
+        """This epoch's question order, sorted by length within each window (the same on every rank)."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        grouped = [index for start in range(0, len(order), self.window)
-                   for index in sorted(order[start : start + self.window], key=lambda index: -self.lengths[index])]
+        return [index for start in range(0, len(order), self.window)
+                for index in sorted(order[start : start + self.window], key=lambda index: -self.lengths[index])]
+
+    def token_batches(self) -> list[list[int]]:
+        """This rank's batches of the epoch under ``max_tokens``: its share of each global batch."""
+        drawn = [len(q.prompt_ids) + sum(len(t) for t in q.trace_ids)  # this epoch's traces (max_traces drawn)
+                 for q in (self.dataset[i] for i in range(len(self.lengths)))]
+        batches = token_budget_batches(self.grouped_order(), drawn, self.max_tokens, self.num_replicas)
+        return [shares[self.rank] for shares in batches]
+
+    def __iter__(self):
+        if self.max_tokens is not None:
+            yield from self.token_batches()
+            return
+        grouped = self.grouped_order()
         if self.num_replicas == 1:
             yield from grouped
             return
@@ -90,6 +112,36 @@ class LengthGroupedSampler(DistributedSampler):
         for start in range(0, len(grouped) - global_batch + 1, global_batch):
             mine = start + self.rank * self.batch_size
             yield from grouped[mine : mine + self.batch_size]
+
+
+def token_budget_batches(order: list[int], lengths: list[int], max_tokens: int, num_replicas: int = 1) -> list[list[list[int]]]:
+    """Questions in ``order`` cut into global batches of at most ``num_replicas * max_tokens`` tokens (at least one
+    question per rank; a question longer than the budget goes with no other), each split over the ranks by
+    tokens: largest question first, to the rank with the fewest tokens so far. ``lengths[i]``: tokens of question
+    i (prompt + its traces). Returns ``batches[b][rank]`` = indices; a trailing global batch with fewer questions
+    than ranks is dropped. The same on every rank (nothing random)."""
+    budget = num_replicas * max_tokens
+    cuts: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for index in order:
+        if len(current) >= num_replicas and tokens + lengths[index] > budget:
+            cuts.append(current)
+            current, tokens = [], 0
+        current.append(index)
+        tokens += lengths[index]
+    if len(current) >= num_replicas:
+        cuts.append(current)
+    batches = []
+    for members in cuts:
+        shares: list[list[int]] = [[] for _ in range(num_replicas)]
+        loads = [0] * num_replicas
+        for index in sorted(members, key=lambda i: -lengths[i]):
+            rank = min(range(num_replicas), key=lambda r: (loads[r], r))
+            shares[rank].append(index)
+            loads[rank] += lengths[index]
+        batches.append(shares)
+    return batches
 
 
 class ResumableDataLoader(DataLoader):

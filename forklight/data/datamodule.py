@@ -76,6 +76,7 @@ class ForkDataModule(L.LightningDataModule):
         max_traces: int | None = None,
         min_traces: int = 1,
         batch_size: int = 8,
+        max_tokens_per_batch: int | None = None,
         eval_batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
@@ -109,6 +110,10 @@ class ForkDataModule(L.LightningDataModule):
             max_traces: most traces per question per step (default: ``num_fork_tokens``); more are sampled.
             min_traces: questions with fewer training traces are an error (or skipped).
             batch_size: questions per training batch.
+            max_tokens_per_batch: form training batches by tokens instead: as many questions as fit in this many
+                tokens (prompt + traces) per rank, a question longer than that alone; under data parallelism each
+                global batch is split over the ranks balancing their tokens. ``batch_size`` then only sets the
+                length-grouping window. The loss stays the token mean over the whole optimiser step.
             eval_batch_size: questions per validation/test batch.
             num_workers: DataLoader worker processes.
             seed: seed of the splits, the shuffling and the trace sampling.
@@ -137,6 +142,8 @@ class ForkDataModule(L.LightningDataModule):
                                 ("val_size", val_size, 0), ("test_size", test_size, 0)):
             if value < low:
                 raise ConfigError(f"data.{key} must be >= {low}, got {value}")
+        if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
+            raise ConfigError(f"data.max_tokens_per_batch must be >= 1 or null, got {max_tokens_per_batch}")
         self.save_hyperparameters()
         if toy is None:  # also when data.train turned it off (LightningCLI saves the config as given)
             self.hparams["toy"] = None
@@ -258,15 +265,16 @@ class ForkDataModule(L.LightningDataModule):
     # ---- loaders -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
+        max_tokens = self.hparams.get("max_tokens_per_batch")
         return ResumableDataLoader(
             dataset,
-            batch_size=self.hparams.batch_size,
+            batch_size=self.hparams.batch_size if max_tokens is None else None,  # None: the sampler yields batches
             # Under DDP/FSDP each rank takes its own questions ({num_replicas, rank} from the strategy).
-            sampler=LengthGroupedSampler(dataset, self.hparams.batch_size, self.hparams.seed,
+            sampler=LengthGroupedSampler(dataset, self.hparams.batch_size, self.hparams.seed, max_tokens=max_tokens,
                                          **((self.trainer.distributed_sampler_kwargs if self.trainer else None) or {})),
             collate_fn=collate_questions,
             num_workers=self.hparams.num_workers,
-            drop_last=True,
+            drop_last=max_tokens is None,
         )
 
     def _eval_loader(self, split: str) -> DataLoader:
