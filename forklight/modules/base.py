@@ -382,6 +382,11 @@ class ForkModule(L.LightningModule):
         """The engine of every completion (``model.engine``): built on first use, synced after steps (ModuleEngine)."""
         return self._engine.get(self.model, self.tokenizer)
 
+    def close_generation_engine(self) -> None:
+        """Shut the generation engine down now (``engine: vllm``: frees its device memory and lets another engine
+        start in this process); the next generation builds it again."""
+        self._engine.close()
+
     def generation_progress(self) -> Progress | None:
         """``progress(done, total)`` for the engine, reported to the trainer's callbacks (:func:`~forklight.rollout.callback_progress`)."""
         return callback_progress(self._trainer, self)
