@@ -67,7 +67,7 @@ def test_the_hf_engine_seeds_its_own_sampler_and_leaves_the_global_rng_alone(tin
 
 
 def test_an_unknown_engine_names_the_key_and_the_choices(tiny_ssft):
-    with pytest.raises(ValueError, match=r"model.engine must be one of \['hf', 'vllm'\].*got 'nope'"):
+    with pytest.raises(ValueError, match=r"model.engine must be one of \['hf', 'vllm', 'vllm-server'\].*got 'nope'"):
         tiny_ssft(engine="nope")
 
 
