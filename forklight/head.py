@@ -8,6 +8,8 @@ model's ``.logits`` are the final hidden states ``[R, T, D]``), the scored posit
 (``[K, D]``), and :func:`head_nll` applies the head to ``chunk_tokens`` of them at a time, each chunk
 recomputed in backward (``torch.utils.checkpoint``): a chunk's ``[chunk, V]`` logits are the only ones alive,
 in the forward and in the backward. The log-normaliser is computed in float32 whatever the logits' dtype.
+The SSFT/SFT loss is a sum: with a plain ``nn.Linear`` head it is fused instead (:func:`head_nll_sum`,
+:class:`_LinearNLLSum`): each chunk's gradients are computed in the forward, so nothing is recomputed.
 
 ``model.init_args.loss_head`` (:data:`HEAD_MODES`):
 
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from forklight.errors import ConfigError
@@ -91,6 +94,81 @@ def head_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk
         else:
             pieces.append(_chunk_nll(head, chunk, chunk_targets, temperature))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+class _LinearNLLSum(torch.autograd.Function):
+    """``sum_k -log softmax((hidden[k] @ weight^T + bias) / temperature)[targets[k]]`` with its gradients computed
+    in the forward, a chunk of positions at a time (Liger's fused linear cross-entropy, in PyTorch).
+
+    Each chunk's ``[c, V]`` logits become its softmax in place and then the gradient of its logits
+    (``softmax - onehot``), which the head's two gradient matmuls consume at once: the head runs three
+    matmuls per chunk, as a full-logits loss does, and no chunk is recomputed in backward, which only
+    scales the kept gradients (``[K, D]`` for the hidden states, ``[V, D]`` float32 for the weight) by the
+    incoming scalar. Valid because the output is a sum: every position's upstream gradient is the same.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, temperature, needs):
+        # hidden: [K, D]; weight: [V, D]; bias: [V] or None; targets: [K]; needs: grads of (hidden, weight, bias)
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        need_hidden, need_weight, need_bias = needs
+        with torch.autocast(device_type, enabled=False):  # the matmul dtype is autocast's, chosen once here
+            w = weight.to(dtype)  # [V, D]
+            b = bias.to(dtype) if bias is not None else None  # [V]
+            grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # [K, D]
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                h = hidden[start : start + chunk_tokens].to(dtype)  # [c, D]
+                t = targets[start : start + chunk_tokens]  # [c]
+                logits = F.linear(h, w, b).float()  # [c, V]
+                if temperature != 1.0:
+                    logits /= temperature
+                normaliser = torch.logsumexp(logits, dim=-1)  # [c]
+                total += (normaliser - logits.gather(-1, t[:, None]).squeeze(-1)).sum()
+                if not (need_hidden or need_weight or need_bias):
+                    continue
+                grad_logits = logits.sub_(normaliser[:, None]).exp_()  # softmax, [c, V]
+                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0  # d NLL / d logits
+                if temperature != 1.0:
+                    grad_logits /= temperature
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+                g = grad_logits.to(dtype)  # [c, V]
+                if need_hidden:
+                    grad_hidden[start : start + chunk_tokens] = (g @ w).to(hidden.dtype)  # [c, D]
+                if need_weight:
+                    grad_weight += (g.T @ h).float()  # [V, D]
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None, None, None)
+
+
+def fused_nll_sum(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 512,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Sum of the NLL of ``targets`` [K] after ``hidden`` [K, D] under a plain linear ``head``, the gradients
+    computed in the forward (:class:`_LinearNLLSum`); the log-normaliser in float32."""
+    grad = torch.is_grad_enabled()
+    needs = (grad and hidden.requires_grad, grad and head.weight.requires_grad,
+             grad and head.bias is not None and head.bias.requires_grad)
+    return _LinearNLLSum.apply(hidden, head.weight, head.bias, targets.to(hidden.device), chunk_tokens, temperature,
+                               needs)
+
+
+def head_nll_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 512,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Sum of :func:`head_nll`: fused (:func:`fused_nll_sum`) when the head is a plain ``nn.Linear`` (FSDP2's
+    subclass included), else the checkpointed chunks (a LoRA or trainable-token head is called as a module)."""
+    if isinstance(head, nn.Linear):
+        return fused_nll_sum(head, hidden, targets, chunk_tokens, temperature)
+    return head_nll(head, hidden, targets, chunk_tokens, temperature).sum()
 
 
 def liger_nll_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,14 @@ padding on Llama and GPT-2, and a model whose attention crosses packed sequences
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from forklight.errors import ConfigError
-from forklight.head import head_nll, resolve_head
+from forklight.head import fused_nll_sum, head_nll, resolve_head
 from forklight.losses import token_nll
 from forklight.modules.ssft import SSFTModule
 from tests.conftest import TINY_MODEL_CONFIG, tiny_export, toy_batch
@@ -68,19 +70,83 @@ def test_chunked_matching_costs_equal_the_full_logits_costs(share):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_the_head_sees_only_scored_positions_a_chunk_at_a_time():
+def test_the_head_sees_only_scored_positions_a_chunk_at_a_time(monkeypatch):
+    """A plain head: fused, each scored position through the head's matmul once, none recomputed in backward."""
+    import forklight.head
+
     module = ssft(MODELS["llama-untied"], "chunked")
     batch = toy_batch(2)
     assignments = module.match(batch)  # decides the head path (a probe) and runs the costs
     module.packing()  # the packing probe runs the whole model once
+    seen, linear, head = [], torch.nn.functional.linear, module.model.get_output_embeddings()
+
+    def recorded(x, weight, *args):  # the head's matmuls: its weight, in the loss's dtype
+        if weight.data_ptr() == head.weight.data_ptr():
+            seen.append(x.shape)
+        return linear(x, weight, *args)
+
+    monkeypatch.setattr(forklight.head.F, "linear", recorded)
+    loss, tokens = module.matched_loss(batch, assignments)
+    loss.backward()
+    supervised = int(tokens)  # positions whose next token is supervised (trace tokens): no prompt position
+    assert supervised == sum(len(trace) for traces in batch.trace_ids for trace in traces)  # end of turn included
+    assert all(len(shape) == 2 and shape[0] <= 7 for shape in seen)  # [c, D], c <= loss_chunk_tokens
+    assert sum(shape[0] for shape in seen) == supervised  # each scored position once: no recompute
+
+
+def test_a_module_head_is_called_a_chunk_at_a_time_and_recomputed_in_backward():
+    """A head that is a module, not a plain Linear (LoRA's trainable fork-token rows): checkpointed chunks."""
+    module = ssft(MODELS["llama-untied"], "chunked", lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    batch = toy_batch(2)
+    assignments = module.match(batch)
+    module.packing()
     seen = []
     module.model.get_output_embeddings().register_forward_hook(lambda m, inputs, output: seen.append(inputs[0].shape))
     loss, tokens = module.matched_loss(batch, assignments)
     loss.backward()  # recomputes each chunk
-    supervised = int(tokens)  # positions whose next token is supervised (trace tokens): no prompt position
-    assert supervised == sum(len(trace) for traces in batch.trace_ids for trace in traces)  # end of turn included
-    assert all(len(shape) == 2 and shape[0] <= 7 for shape in seen)  # [c, D], c <= loss_chunk_tokens
-    assert sum(shape[0] for shape in seen) == 2 * supervised  # each scored position once, and once in backward
+    assert all(len(shape) == 2 and shape[0] <= 7 for shape in seen)
+    assert sum(shape[0] for shape in seen) == 2 * int(tokens)  # each scored position once, and once in backward
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_fused_sum_equals_cross_entropy_in_value_and_gradients(bias, temperature):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden, targets = torch.randn(23, 16, requires_grad=True), torch.randint(50, (23,))
+    expected = torch.nn.functional.cross_entropy(head(hidden) / temperature, targets, reduction="sum")
+    (3 * expected).backward()  # an upstream gradient other than 1
+    want = [hidden.grad.clone()] + [p.grad.clone() for p in head.parameters()]
+    hidden.grad = None
+    head.zero_grad()
+    got = fused_nll_sum(head, hidden, targets, 5, temperature)
+    (3 * got).backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for grad, reference in zip([hidden.grad] + [p.grad for p in head.parameters()], want):
+        torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no gradients kept
+        torch.testing.assert_close(fused_nll_sum(head, hidden, targets, 5, temperature), expected, rtol=1e-5, atol=1e-5)
+    head.weight.requires_grad_(False)  # a frozen head: the hidden states' gradient only
+    hidden.grad, head.weight.grad = None, None
+    fused_nll_sum(head, hidden, targets, 5, temperature).backward()
+    assert head.weight.grad is None
+    torch.testing.assert_close(hidden.grad, want[0] / 3, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_sum_under_bf16_autocast_is_close_to_the_checkpointed_chunks():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 300, bias=False)
+    hidden, targets = torch.randn(40, 32, requires_grad=True), torch.randint(300, (40,))
+    results = []
+    for fn in (fused_nll_sum, lambda *a: head_nll(*a).sum()):
+        hidden.grad, head.weight.grad = None, None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(head, hidden, targets, 16)
+        loss.backward()
+        assert loss.dtype == torch.float32 and hidden.grad.dtype == head.weight.grad.dtype == torch.float32
+        results.append((loss.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
 
 
 def test_head_nll_matches_cross_entropy_with_temperature_and_no_grad():
@@ -251,3 +317,82 @@ def test_token_budget_batches_under_ddp_step_like_one_process_with_the_global_bu
             for name, budget, strategy in (("single", 800, None), ("ddp", 400, "ddp"))}
     assert len(runs["single"]["train/loss"]) == 3
     assert runs["ddp"]["train/loss"] == pytest.approx(runs["single"]["train/loss"], **LOSS_TOLERANCE)
+
+
+# ---- questions longer than the budget: pieces of their traces ---------------------------------------------------------
+def test_a_question_longer_than_the_budget_is_split_into_pieces_of_its_traces():
+    from forklight.data.batching import merge_pieces, token_budget_batches, trace_pieces
+
+    assert trace_pieces(10, [50, 40, 30, 20], 80) == [[0, 3], [1, 2]]  # first fit decreasing, prompt in each piece
+    assert trace_pieces(10, [500, 20], 80) == [[0], [1]]  # longer than the budget: alone
+    assert merge_pieces([(3, (0,)), 5, (3, (2,))]) == [(3, (0, 2)), 5]
+    items, lengths = [0, (1, (0,)), (1, (1,))], {0: 30, (1, (0,)): 60, (1, (1,)): 50}
+    assert token_budget_batches(items, lengths, 70, num_replicas=2) == [[[(1, (0,))], [(1, (1,)), 0]]]
+
+
+def test_every_trace_is_trained_once_per_epoch_when_questions_are_split(tmp_path):
+    from forklight.data.batching import LengthGroupedSampler, QuestionDataset
+    from forklight.data.rendering import RenderedQuestion
+
+    rng = np.random.default_rng(0)
+    questions = [RenderedQuestion(id=str(i), prompt_ids=[1] * 5, trace_ids=[[2] * int(n) for n in rng.integers(5, 60, 4)],
+                                  sources=[None] * 4, answer=None, columns={}) for i in range(20)]
+    dataset = QuestionDataset(questions, max_traces=None, seed=0)
+    for replicas in (1, 2):
+        trained, split = [], 0
+        for rank in range(replicas):
+            sampler = LengthGroupedSampler(dataset, batch_size=2, seed=0, num_replicas=replicas, rank=rank, max_tokens=100)
+            for batch in sampler:
+                for question in dataset[batch]:
+                    pieces = question.trained if question.trained is not None else range(4)
+                    split += question.trained is not None
+                    trained += [(question.id, j) for j in pieces]
+                tokens = sum(len(q.prompt_ids) + sum(len(t) for j, t in enumerate(q.trace_ids)
+                                                     if q.trained is None or j in q.trained) for q in dataset[batch])
+                assert replicas > 1 or tokens <= 100 or len(batch) == 1  # one process: within the budget
+        assert split > 0
+        assert len(trained) == len(set(trained))  # never twice
+        assert len(trained) >= 80 - 4 * replicas  # all, but a trailing global batch smaller than the ranks
+
+
+def test_pieces_of_a_question_match_it_whole_and_sum_to_its_loss_and_gradients():
+    """Two batches, each a piece of the same question, match it as the whole question does and train their own
+    traces: their token-weighted losses and gradients add up to the whole question's."""
+    module = ssft(MODELS["llama-untied"], "chunked")
+    whole = toy_batch(1)
+    assignments = module.match(whole)
+    expected_loss, expected = loss_and_gradients(module, whole, assignments)
+    total_tokens = float(module.matched_loss(whole, assignments)[1])
+    num_traces = len(whole.trace_ids[0])
+    loss_sum, gradient_sum = 0.0, {}
+    for piece in ([0, 2], [j for j in range(num_traces) if j not in (0, 2)]):
+        part = dataclasses.replace(whole, trained=[piece])
+        assert part.split and [a.tolist() for a in module.match(part)] == [a.tolist() for a in assignments]
+        tokens = float(module.matched_loss(part, assignments)[1])
+        loss, gradients = loss_and_gradients(module, part, assignments)
+        loss_sum += loss * tokens
+        for key, value in gradients.items():
+            gradient_sum[key] = gradient_sum.get(key, 0) + value * tokens
+    assert loss_sum == pytest.approx(expected_loss * total_tokens, rel=1e-5)
+    for key in expected:
+        torch.testing.assert_close(gradient_sum[key], expected[key] * total_tokens, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_an_ssft_fit_splits_questions_longer_than_the_budget_and_rl_refuses_to(tmp_path):
+    from forklight.cli import build_cli
+    from tests.conftest import CONFIGS, tiny_overrides
+
+    cli = build_cli(["fit", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path, max_steps=3),
+                     "--data.init_args.max_tokens_per_batch=60"])
+    batches = list(cli.trainer.train_dataloader)
+    assert any(batch.split for batch in batches)
+    trained = [(q, j) for batch in batches for b, q in enumerate(batch.ids) for j in range(len(batch.trace_ids[b]))
+               if batch.trains(b, j)]
+    assert len(trained) == len(set(trained)) == sum(len(q.trace_ids) for q in cli.datamodule.datasets["train"].questions)
+    assert cli.trainer.global_step == 3
+    export = tiny_export(tmp_path / "export")
+    with pytest.raises(ConfigError, match=r"data.max_tokens_per_batch split question .* GFPOModule samples its prompts"):
+        build_cli(["fit", "-c", str(CONFIGS / "gfpo.yaml"), *tiny_overrides(tmp_path / "gfpo", max_steps=1),
+                   f"--model.init_args.init_from={export}", "--model.init_args.num_fork_tokens=3",
+                   "--model.init_args.group_size=3", "--model.init_args.max_completion_tokens=6",
+                   "--data.init_args.max_tokens_per_batch=60"])

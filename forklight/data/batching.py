@@ -9,6 +9,8 @@ the :class:`TraceSetBatch` every module trains on.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -28,9 +30,12 @@ class QuestionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.questions)
 
-    def __getitem__(self, index: int | list[int]) -> RenderedQuestion | list[RenderedQuestion]:
+    def __getitem__(self, index: int | tuple[int, tuple[int, ...]] | list) -> RenderedQuestion | list[RenderedQuestion]:
         if isinstance(index, list):  # a whole batch (LengthGroupedSampler with max_tokens yields index lists)
             return [self[i] for i in index]
+        if isinstance(index, tuple):  # (question, traces): a piece of a question split by the token budget
+            question, piece = index
+            return dataclasses.replace(self[question], trained=list(piece))
         question = self.questions[index]
         if self.max_traces is None or len(question.trace_ids) <= self.max_traces:
             return question
@@ -93,12 +98,25 @@ class LengthGroupedSampler(DistributedSampler):
         return [index for start in range(0, len(order), self.window)
                 for index in sorted(order[start : start + self.window], key=lambda index: -self.lengths[index])]
 
-    def token_batches(self) -> list[list[int]]:
-        """This rank's batches of the epoch under ``max_tokens``: its share of each global batch."""
-        drawn = [len(q.prompt_ids) + sum(len(t) for t in q.trace_ids)  # this epoch's traces (max_traces drawn)
-                 for q in (self.dataset[i] for i in range(len(self.lengths)))]
-        batches = token_budget_batches(self.grouped_order(), drawn, self.max_tokens, self.num_replicas)
-        return [shares[self.rank] for shares in batches]
+    def token_batches(self) -> list[list[int | tuple[int, tuple[int, ...]]]]:
+        """This rank's batches of the epoch under ``max_tokens``: its share of each global batch. A question longer
+        than ``max_tokens`` is split into pieces of its traces (:func:`trace_pieces`), items ``(index, traces)``:
+        each piece's batch matches the whole question and trains the piece's traces."""
+        questions = [self.dataset[i] for i in range(len(self.lengths))]  # this epoch's traces (max_traces drawn)
+        items: list[int | tuple[int, tuple[int, ...]]] = []
+        lengths: dict = {}
+        for index in self.grouped_order():
+            prompt, traces = len(questions[index].prompt_ids), [len(t) for t in questions[index].trace_ids]
+            if prompt + sum(traces) <= self.max_tokens or len(traces) == 1:
+                items.append(index)
+                lengths[index] = prompt + sum(traces)
+                continue
+            for piece in trace_pieces(prompt, traces, self.max_tokens):
+                item = (index, tuple(piece))
+                items.append(item)
+                lengths[item] = prompt + sum(traces[j] for j in piece)
+        batches = token_budget_batches(items, lengths, self.max_tokens, self.num_replicas)
+        return [merge_pieces(shares[self.rank]) for shares in batches]
 
     def __iter__(self):
         if self.max_tokens is not None:
@@ -114,12 +132,42 @@ class LengthGroupedSampler(DistributedSampler):
             yield from grouped[mine : mine + self.batch_size]
 
 
-def token_budget_batches(order: list[int], lengths: list[int], max_tokens: int, num_replicas: int = 1) -> list[list[list[int]]]:
-    """Questions in ``order`` cut into global batches of at most ``num_replicas * max_tokens`` tokens (at least one
-    question per rank; a question longer than the budget goes with no other), each split over the ranks by
-    tokens: largest question first, to the rank with the fewest tokens so far. ``lengths[i]``: tokens of question
-    i (prompt + its traces). Returns ``batches[b][rank]`` = indices; a trailing global batch with fewer questions
-    than ranks is dropped. The same on every rank (nothing random)."""
+def trace_pieces(prompt_length: int, trace_lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """A question's traces in pieces of at most ``max_tokens`` tokens each (its prompt + the piece's traces), first
+    fit decreasing; a trace longer than the budget is a piece alone. Each piece sorted, pieces by first trace."""
+    pieces: list[list[int]] = []
+    loads: list[int] = []
+    for trace in sorted(range(len(trace_lengths)), key=lambda j: (-trace_lengths[j], j)):
+        for piece, load in enumerate(loads):
+            if load + trace_lengths[trace] <= max_tokens:
+                pieces[piece].append(trace)
+                loads[piece] += trace_lengths[trace]
+                break
+        else:
+            pieces.append([trace])
+            loads.append(prompt_length + trace_lengths[trace])
+    return sorted(sorted(piece) for piece in pieces)
+
+
+def merge_pieces(share: list) -> list:
+    """One rank's share with the pieces of one question merged into one item, in order of first appearance."""
+    merged: dict[int, list[int] | None] = {}
+    for item in share:
+        index, piece = item if isinstance(item, tuple) else (item, None)
+        if index in merged and merged[index] is not None and piece is not None:
+            merged[index] = sorted(merged[index] + list(piece))
+        else:
+            merged[index] = None if piece is None else list(piece)
+    return [index if piece is None else (index, tuple(piece)) for index, piece in merged.items()]
+
+
+def token_budget_batches(order: list, lengths, max_tokens: int, num_replicas: int = 1) -> list[list[list]]:
+    """Items in ``order`` (question indices, or ``(index, traces)`` pieces of questions) cut into global batches of at
+    most ``num_replicas * max_tokens`` tokens (at least one item per rank; an item longer than the budget goes with
+    no other), each split over the ranks by tokens: largest item first, to the rank with the fewest tokens so far.
+    ``lengths[item]``: tokens of the item (prompt + its traces; a list by index or a dict). Returns
+    ``batches[b][rank]`` = items; a trailing global batch with fewer items than ranks is dropped. The same on every
+    rank (nothing random)."""
     budget = num_replicas * max_tokens
     cuts: list[list[int]] = []
     current: list[int] = []
@@ -196,4 +244,5 @@ def collate_questions(questions: list[RenderedQuestion]) -> TraceSetBatch:
         sources=[q.sources for q in questions],
         answers=[q.answer for q in questions],
         columns=[q.columns for q in questions],
+        trained=[q.trained for q in questions] if any(q.trained is not None for q in questions) else [],
     )

@@ -111,9 +111,10 @@ class ForkDataModule(L.LightningDataModule):
             min_traces: questions with fewer training traces are an error (or skipped).
             batch_size: questions per training batch.
             max_tokens_per_batch: form training batches by tokens instead: as many questions as fit in this many
-                tokens (prompt + traces) per rank, a question longer than that alone; under data parallelism each
-                global batch is split over the ranks balancing their tokens. ``batch_size`` then only sets the
-                length-grouping window. The loss stays the token mean over the whole optimiser step.
+                tokens (prompt + traces) per rank; a question longer than that is split into pieces of its traces,
+                each matched as the whole question and training its own traces (SSFT/SFT only); under data
+                parallelism each global batch is split over the ranks balancing their tokens. ``batch_size`` then
+                only sets the length-grouping window. The loss stays the token mean over the whole optimiser step.
             eval_batch_size: questions per validation/test batch.
             num_workers: DataLoader worker processes.
             seed: seed of the splits, the shuffling and the trace sampling.

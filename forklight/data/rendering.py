@@ -98,6 +98,7 @@ class RenderedQuestion:
     answer: str | None
     columns: dict
     location: str = ""  # where the question came from, e.g. "train.jsonl:12"
+    trained: list[int] | None = None  # the traces this batch trains, when a token budget split the question; None: all
 
 
 @dataclass
@@ -110,9 +111,21 @@ class TraceSetBatch:
     sources: list[list[str | None]]  # B lists of M_b trace sources
     answers: list[str | None]  # gold answers, [B]
     columns: list[dict[str, Any]] = field(default_factory=list)  # other fields per question
+    # B entries: the indices of the traces this batch trains (a piece of a question longer than
+    # data.max_tokens_per_batch: all its traces are matched, these are trained), None: all; [] = all, every question
+    trained: list[list[int] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def trains(self, question: int, trace: int) -> bool:
+        """Whether this batch trains trace ``trace`` of its question ``question`` (:attr:`trained`)."""
+        return not self.trained or self.trained[question] is None or trace in self.trained[question]
+
+    @property
+    def split(self) -> bool:
+        """Whether some question of this batch trains only some of its traces (the rest in other batches)."""
+        return any(piece is not None for piece in self.trained)
 
 
 @dataclass

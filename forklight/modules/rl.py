@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
+from forklight.errors import ConfigError
 from forklight.losses import LossParts, group_advantages, merge_chunk_parts
 from forklight.modules.base import ForkModule
 from forklight.rollout import RolloutGroup, rollout_groups
@@ -168,6 +169,11 @@ class RLModule(ForkModule, Generic[Update]):
 
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
+        if batch.split:  # a piece of a question would roll its prompt out again in another batch
+            question = next(q for q, piece in zip(batch.ids, batch.trained) if piece is not None)
+            raise ConfigError(f"data.max_tokens_per_batch split question {question!r} (its prompt and traces exceed the "
+                              f"budget) into pieces of its traces, which only SSFT/SFT trains: {type(self).__name__} "
+                              f"samples its prompts; raise data.max_tokens_per_batch above the longest question or unset it")
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         started = time.perf_counter()
         update = self.prepare_update(batch, batch_idx)

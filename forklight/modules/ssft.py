@@ -35,7 +35,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from forklight.data.rendering import TraceSetBatch, assemble_rows, pack_rows
-from forklight.head import check_chunk_tokens, head_nll, head_removed, hidden_states, liger_nll_sum, scored_positions
+from forklight.head import (check_chunk_tokens, head_nll, head_nll_sum, head_removed, hidden_states, liger_nll_sum,
+                            scored_positions)
 from forklight.losses import (
     TokenWindow,
     accumulation_correction,
@@ -304,8 +305,10 @@ class SSFTModule(ForkModule):
         step as one process with batch R*b (:func:`~forklight.losses.data_parallel_token_mean`).
         """
         prompts, tags, traces = [], [], []
-        for prompt, question_traces, assignment in zip(batch.prompt_ids, batch.trace_ids, assignments):
-            for trace, tag in zip(question_traces, assignment):
+        for b, (prompt, question_traces, assignment) in enumerate(zip(batch.prompt_ids, batch.trace_ids, assignments)):
+            for j, (trace, tag) in enumerate(zip(question_traces, assignment)):
+                if not batch.trains(b, j):  # another batch's piece of this question (data.max_tokens_per_batch)
+                    continue
                 prompts.append(prompt)
                 tags.append(self.fork_token_ids[tag])
                 traces.append(trace)
@@ -319,10 +322,14 @@ class SSFTModule(ForkModule):
         # Rows are right-padded: under causal attention no real token sees a pad, and pads get no
         # loss, so no attention mask is needed (the masked path is ~1.5x slower on CPU).
         path = self.head_path()
-        if path.liger:
+        if path.chunked:  # the head on the scored positions only, fused: Liger's kernel, or PyTorch's for a plain head
             hidden, head = hidden_states(self.model, **inputs)  # [R, T, D]
             at, positions = scored_positions(rows.labels)  # [K], [K]
-            nll_sum = liger_nll_sum(head, hidden[at, positions], rows.labels[at, positions + 1])
+            scored, targets = hidden[at, positions], rows.labels[at, positions + 1]  # [K, D], [K]
+            if path.liger:
+                nll_sum = liger_nll_sum(head, scored, targets)
+            else:
+                nll_sum = head_nll_sum(head, scored, targets, self.hparams.get("loss_chunk_tokens", 512))
             num_tokens = torch.tensor(float(len(at)), device=self.device)
         else:
             nll = self.supervised_nll(self.model, rows.labels, **inputs)  # [K]
@@ -359,10 +366,12 @@ class SSFTModule(ForkModule):
             self._token_window = TokenWindow(reference_tokens=tokens)
         window_loss = self._token_window.add(loss, tokens)  # this rank's part of the window's token mean
 
-        usage = np.bincount(np.concatenate(assignments), minlength=len(self.fork_token_ids))  # [N], this rank
+        kept = [[j for j in range(len(a)) if batch.trains(b, j)] for b, a in enumerate(assignments)]  # trained traces
+        trained = [a[js] for a, js in zip(assignments, kept)]
+        usage = np.bincount(np.concatenate(trained), minlength=len(self.fork_token_ids))  # [N], this rank's trained
         usage = self.sum_over_ranks(torch.as_tensor(usage, device=self.device)).cpu().numpy()  # [N], global batch
         self.tag_coverage += torch.as_tensor(usage, dtype=self.tag_coverage.dtype, device=self.tag_coverage.device)
-        self.last_assignments = [(sources, a.tolist()) for sources, a in zip(batch.sources, assignments)]
+        self.last_assignments = [([sources[j] for j in js], a.tolist()) for sources, js, a in zip(batch.sources, kept, trained)]
         size = len(batch)
         self.log("train/loss", window_loss, prog_bar=True, batch_size=size, sync_dist=True)  # mean over ranks: global
         for tag, count in enumerate(usage):
