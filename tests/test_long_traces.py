@@ -159,25 +159,53 @@ def test_head_nll_matches_cross_entropy_with_temperature_and_no_grad():
             torch.testing.assert_close(head_nll(head, hidden, targets, 5, temperature), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_grpo_token_log_probs_equal_on_both_paths(tmp_path):
-    from forklight.data.rendering import assemble_rows
+def test_grpo_token_log_probs_equal_on_every_path(tmp_path):
+    """GRPO's token log-probs (and their gradients): full logits, chunked, packed or padded, all equal the padded
+    full-logits reference, a row with no supervised token (a skipped sample) included."""
+    from forklight.data.rendering import IGNORE_INDEX, assemble_rows
     from forklight.modules.grpo import GRPOModule
 
     export = tiny_export(tmp_path)
-    modules = {}
-    for mode in ("full", "chunked"):
-        modules[mode] = GRPOModule(init_from=str(export), num_fork_tokens=3, loss_head=mode, loss_chunk_tokens=5,
-                                   rollout_temperature=0.8)
-        modules[mode].configure_model()
     batch = toy_batch(2)
-    rows = assemble_rows(list(batch.prompt_ids), [modules["full"].fork_token_ids[0]] * 2,
-                         [traces[0] for traces in batch.trace_ids], 0)
-    full = modules["full"].token_log_probs(modules["full"].model, rows)
-    chunked = modules["chunked"].token_log_probs(modules["chunked"].model, rows)
-    assert chunked.shape == full.shape == (2, rows.input_ids.shape[1] - 1)
-    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
-    reference = -token_nll(modules["full"].model(input_ids=rows.input_ids).logits, rows.labels, 0.8)
-    torch.testing.assert_close(full, reference)
+    results = {}
+    for mode, pack in (("full", False), ("chunked", False), ("chunked", True), ("full", True)):
+        module = GRPOModule(init_from=str(export), num_fork_tokens=3, loss_head=mode, loss_chunk_tokens=5,
+                            rollout_temperature=0.8, pack_rows=pack)
+        module.configure_model()
+        assert module.packing() == pack
+        rows = assemble_rows([p for p in batch.prompt_ids for _ in range(2)], [module.fork_token_ids[0]] * 4,
+                             [trace for traces in batch.trace_ids for trace in traces[:2]], 0)
+        rows.labels[2] = IGNORE_INDEX  # a skipped sample
+        log_probs = module.token_log_probs(module.model, rows)  # [4, T-1]
+        log_probs.sum().backward()
+        results[mode, pack] = log_probs.detach(), {n: p.grad for n, p in module.model.named_parameters() if p.grad is not None}
+        if (mode, pack) == ("full", False):
+            reference = -token_nll(module.model(input_ids=rows.input_ids).logits, rows.labels, 0.8)
+            torch.testing.assert_close(log_probs.detach(), reference.detach())
+    expected, expected_grads = results["full", False]
+    assert expected.shape == (4, rows.input_ids.shape[1] - 1) and not expected[2].any()
+    assert len({len(trace) for traces in batch.trace_ids for trace in traces[:2]}) > 1  # rows of different lengths
+    for key, (log_probs, grads) in results.items():
+        torch.testing.assert_close(log_probs, expected, rtol=1e-5, atol=1e-6, msg=str(key))
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
+
+
+def test_repack_rows_puts_every_sequence_back_in_place():
+    from forklight.data.rendering import IGNORE_INDEX, assemble_rows, repack_rows
+
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6]), torch.tensor([7, 8])]
+    continuations = [torch.arange(10, 10 + n) for n in (2, 9, 4, 3)]
+    rows = assemble_rows(prompts, [99] * 4, continuations, 0)  # [4, 12]
+    rows.labels[3] = IGNORE_INDEX
+    packed = repack_rows(rows, 0)
+    assert packed.rows.input_ids.shape[0] < 4 and packed.rows.input_ids.shape[1] == 12
+    real = packed.source_row >= 0
+    assert torch.equal(rows.input_ids[packed.source_row[real], packed.source_position[real]], packed.rows.input_ids[real])
+    assert torch.equal(rows.labels[packed.source_row[real], packed.source_position[real]], packed.rows.labels[real])
+    assert torch.equal(packed.rows.position_ids[real], packed.source_position[real])  # positions restart per sequence
+    assert (packed.rows.labels != IGNORE_INDEX).sum() == (rows.labels != IGNORE_INDEX).sum()
+    assert int((packed.source_row == 3).sum()) == 1  # no supervised token: one token kept, no loss
 
 
 def test_a_model_whose_logits_are_not_its_head_falls_back_to_full_logits_and_says_why():

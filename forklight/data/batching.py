@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from forklight.data.rendering import RenderedQuestion, TraceSetBatch
+from forklight.data.rendering import RenderedQuestion, TraceSetBatch, first_fit_decreasing
 
 
 class QuestionDataset(Dataset):
@@ -135,18 +135,7 @@ class LengthGroupedSampler(DistributedSampler):
 def trace_pieces(prompt_length: int, trace_lengths: list[int], max_tokens: int) -> list[list[int]]:
     """A question's traces in pieces of at most ``max_tokens`` tokens each (its prompt + the piece's traces), first
     fit decreasing; a trace longer than the budget is a piece alone. Each piece sorted, pieces by first trace."""
-    pieces: list[list[int]] = []
-    loads: list[int] = []
-    for trace in sorted(range(len(trace_lengths)), key=lambda j: (-trace_lengths[j], j)):
-        for piece, load in enumerate(loads):
-            if load + trace_lengths[trace] <= max_tokens:
-                pieces[piece].append(trace)
-                loads[piece] += trace_lengths[trace]
-                break
-        else:
-            pieces.append([trace])
-            loads.append(prompt_length + trace_lengths[trace])
-    return sorted(sorted(piece) for piece in pieces)
+    return sorted(sorted(piece) for piece in first_fit_decreasing(trace_lengths, max(max_tokens - prompt_length, 0)))
 
 
 def merge_pieces(share: list) -> list:

@@ -181,18 +181,9 @@ def pack_rows(
     """
     pieces = [torch.cat([prompt, torch.tensor([tag], dtype=prompt.dtype, device=prompt.device), continuation])
               for prompt, tag, continuation in zip(prompts, tags, continuations, strict=True)]
-    capacity = max(pack_length or 0, max(len(piece) for piece in pieces))
-    bins: list[list[int]] = []  # sequence indices of each packed row
-    room: list[int] = []  # tokens left in each row
-    for index in sorted(range(len(pieces)), key=lambda i: -len(pieces[i])):  # first-fit decreasing
-        row = next((r for r, left in enumerate(room) if left >= len(pieces[index])), None)
-        if row is None:
-            bins.append([])
-            room.append(capacity)
-            row = len(bins) - 1
-        bins[row].append(index)
-        room[row] -= len(pieces[index])
-    length = max(capacity - left for left in room)
+    sizes = [len(piece) for piece in pieces]
+    bins = first_fit_decreasing(sizes, max(pack_length or 0, max(sizes)))  # sequence indices of each packed row
+    length = max(sum(sizes[i] for i in members) for members in bins)
     device = pieces[0].device
     input_ids = torch.full((len(bins), length), pad_id, dtype=torch.long, device=device)  # [P, L]
     labels = torch.full((len(bins), length), IGNORE_INDEX, dtype=torch.long, device=device)  # [P, L]
@@ -207,6 +198,65 @@ def pack_rows(
             offset += len(piece)
         position_ids[row, offset:] = torch.arange(length - offset, device=device)  # the pads: a sequence of their own
     return Rows(input_ids=input_ids, labels=labels, position_ids=position_ids)
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` in bins of at most ``capacity`` (a longer item gets a bin of its own), first fit
+    decreasing: longest first, each into the first bin with room."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, left in enumerate(room) if left >= lengths[index]), None)
+        if row is None:
+            bins.append([])
+            room.append(max(capacity, lengths[index]))
+            row = len(bins) - 1
+        bins[row].append(index)
+        room[row] -= lengths[index]
+    return bins
+
+
+@dataclass
+class PackedRows:
+    """Right-padded rows packed end to end (:func:`repack_rows`) and where each packed position came from."""
+
+    rows: Rows  # [P, L] input_ids, labels and restarting position_ids
+    source_row: torch.Tensor  # [P, L]: the row of the padded layout each position came from (-1: a pad)
+    source_position: torch.Tensor  # [P, L]: its position in that row (-1: a pad)
+
+
+def repack_rows(rows: Rows, pad_id: int, pack_length: int | None = None) -> PackedRows:
+    """Right-padded ``rows`` [R, T] (labels -100 where unsupervised) packed as :func:`pack_rows` packs: each row's
+    sequence runs to its last supervised label (a row with none keeps one token and no loss), first-fit decreasing
+    into rows of ``pack_length`` tokens (default: the longest sequence's), ``position_ids`` restarting per sequence.
+    A packed position's label is the label it had, so the NLL of a packed scored position lands back on its row
+    and position through ``source_row``/``source_position``."""
+    num_rows, width = rows.labels.shape
+    supervised = rows.labels != IGNORE_INDEX  # [R, T]
+    last = width - 1 - supervised.flip(1).int().argmax(1)  # [R]: the last supervised position (T - 1 if none)
+    lengths = torch.where(supervised.any(1), last + 1, torch.ones_like(last)).tolist()  # [R]
+    bins = first_fit_decreasing(lengths, max(pack_length or 0, max(lengths)))
+    length = max(sum(lengths[i] for i in members) for members in bins)
+    device = rows.input_ids.device
+    shape = (len(bins), length)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long, device=device)  # [P, L]
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long, device=device)  # [P, L]
+    position_ids = torch.zeros(shape, dtype=torch.long, device=device)  # [P, L]
+    source_row = torch.full(shape, -1, dtype=torch.long, device=device)  # [P, L]
+    source_position = torch.full(shape, -1, dtype=torch.long, device=device)  # [P, L]
+    for packed, members in enumerate(bins):
+        offset = 0
+        for row in members:
+            n = lengths[row]
+            span = slice(offset, offset + n)
+            input_ids[packed, span] = rows.input_ids[row, :n]
+            labels[packed, span] = rows.labels[row, :n]
+            position_ids[packed, span] = torch.arange(n, device=device)
+            source_row[packed, span] = row
+            source_position[packed, span] = torch.arange(n, device=device)
+            offset += n
+        position_ids[packed, offset:] = torch.arange(length - offset, device=device)  # the pads: a sequence of their own
+    return PackedRows(Rows(input_ids=input_ids, labels=labels, position_ids=position_ids), source_row, source_position)
 
 
 def left_padded_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

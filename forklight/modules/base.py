@@ -28,7 +28,8 @@ from forklight.evaluation import QuestionEvaluation
 from forklight.errors import ConfigError
 from forklight.forking import add_fork_tokens, fork_log_policy, fork_token_names, init_fork_embeddings
 from forklight.head import HEAD_MODES, HeadPath, check_chunk_tokens, labels_nll, resolve_head
-from forklight.models import DTYPES, apply_lora, build_causal_lm, check_gguf, keep_master_weights, lora_settings
+from forklight.models import (DTYPES, apply_lora, build_causal_lm, check_gguf, keep_master_weights, lora_settings,
+                              probe_packing)
 from forklight.modules.evaluating import Evaluator, check_evaluation_settings
 from forklight.rewards import gold_answer_parser, resolve_callable, resolve_verifier, score_batch
 from forklight.rollout import GenerationEngine, ModuleEngine, Progress, SamplingSettings, callback_progress, engine_class
@@ -77,6 +78,8 @@ class ForkModule(L.LightningModule):
         loss_head: str = "auto",
         loss_chunk_tokens: int = 512,
         attn_implementation: str | None = None,
+        pack_rows: bool = True,
+        pack_length: int | None = None,
         pass_k: int | None = None,
         fork_policy: str = "coverage",
         fixed_tag: int = 0,
@@ -129,13 +132,21 @@ class ForkModule(L.LightningModule):
             vllm_server: options of ``engine: vllm-server`` (:class:`~forklight.vllm_server.VLLMServerSettings`:
                 endpoints, timeout_s, ...).
             loss_head: how training losses reach the LM head (:mod:`forklight.head`): ``chunked`` (from the
-                hidden states of the scored positions, ``loss_chunk_tokens`` at a time, recomputed in backward:
-                never ``[rows, T, V]`` logits), ``liger`` (Liger's fused kernel for the SSFT/SFT loss; CUDA),
-                ``auto`` (liger where it runs, else chunked) or ``full`` (the model's full logits).
+                hidden states of the scored positions, ``loss_chunk_tokens`` at a time: never ``[rows, T, V]``
+                logits; the SSFT/SFT sum fused in PyTorch for a plain linear head, otherwise each chunk recomputed
+                in backward), ``liger`` (Liger's fused kernel for the SSFT/SFT loss; CUDA), ``auto`` (liger where
+                it runs, else chunked) or ``full`` (the model's full logits).
             loss_chunk_tokens: scored positions whose logits are alive at once under ``chunked``.
             attn_implementation: transformers' attention kernel (``sdpa``, ``eager``, ``flash_attention_2``,
                 ``flex_attention``; unset: transformers' default). Packed rows need one that honours
                 ``position_ids`` restarts (all of these do).
+            pack_rows: the sequences of the SSFT/SFT loss (``[prompt | tag | trace]``) and of GRPO's updates
+                (``[prompt | tag | completion]``) are packed end to end into rows with restarting ``position_ids``
+                instead of each being padded to the longest (same loss; a model whose attention crosses packed
+                sequences says so once and is padded).
+            pack_length: tokens per packed row (default: the longest sequence's; with ``flash_attention_2``, whose
+                varlen kernels need no mask, a large value packs a micro-batch into one row). With ``sdpa`` or
+                ``eager`` a packed row's attention is dense over its length, so keep it near the longest sequence.
             pass_k: k of ``val/pass@k`` and ``val/cons@{k}`` (default: all samples of a question, N * n_per_tag).
             fork_policy: single-shot tag choice for ``val/pass@1``: ``learned`` (sample from the model's tag
                 distribution), ``argmax`` (its most likely tag), ``coverage`` (default tag), ``fixed``, ``uniform``.
@@ -181,6 +192,7 @@ class ForkModule(L.LightningModule):
             self.tag_coverage.copy_(torch.tensor(self.starting_point.tag_coverage, dtype=self.tag_coverage.dtype))
         self.model = None
         self._head_path: HeadPath | None = None  # resolved on first use (head_path)
+        self._packing: bool | None = None  # probed on first use (packing)
         self._engine = ModuleEngine(hp.engine, hp)  # built on first use (generation_engine)
         self.fault_counts: Counter[str] = Counter()  # reward_errors, reward_timeouts, nonfinite_skipped (saved)
         self.evaluator = Evaluator(self)  # validation, test and predict (DESIGN.md §2)
@@ -206,6 +218,8 @@ class ForkModule(L.LightningModule):
             raise ValueError(f"model.reward_timeout_s must be > 0 seconds or null, got {hp.reward_timeout_s}")
         if hp.on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"model.on_nonfinite must be one of {ON_NONFINITE}, got {hp.on_nonfinite!r}")
+        if hp.pack_length is not None and hp.pack_length < 1:
+            raise ValueError(f"model.pack_length must be >= 1 or null, got {hp.pack_length}")
 
     # ---- input validation (DESIGN.md §3: before any training step) -------------------------
     GOLD_ANSWER_SPLITS: tuple[str, ...] = ("val", "test")  # splits whose answers the verifier scores
@@ -371,6 +385,19 @@ class ForkModule(L.LightningModule):
             if self._head_path.reason:
                 rank_zero_warn(f"model.loss_head={self.hparams.get('loss_head', 'auto')}: {self._head_path.reason}")
         return self._head_path
+
+    def packing(self) -> bool:
+        """Whether losses pack their sequences (``pack_rows``), probed once: a model whose attention crosses packed
+        sequences (:func:`~forklight.models.probe_packing`) says why once and pads instead."""
+        if self._packing is None:
+            self._packing = bool(self.hparams.get("pack_rows", True))
+            if self._packing:
+                why = probe_packing(self.model)
+                if why:
+                    rank_zero_warn(f"model.pack_rows is on, but {type(self.model).__name__} cannot take packed rows: "
+                                   f"{why}; rows are padded instead (same loss, more padding)")
+                    self._packing = False
+        return self._packing
 
     def supervised_nll(self, model, labels: torch.Tensor, temperature: float = 1.0, **inputs) -> torch.Tensor:
         """NLL [K] of every supervised token of ``labels`` [R, T] from one forward of ``model`` (row-major order),

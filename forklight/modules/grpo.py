@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from forklight.data.rendering import IGNORE_INDEX, Rows, assemble_rows
+from forklight.data.rendering import IGNORE_INDEX, Rows, assemble_rows, repack_rows
 from forklight.head import scored_positions
 from forklight.losses import GRPO_LOSS_TYPES, LossParts, grpo_loss, grpo_normaliser, supervised_mask
 from forklight.modules.rl import RLModule, without_dropout
@@ -83,10 +83,19 @@ class GRPOModule(RLModule[GRPOUpdate]):
 
     def token_log_probs(self, model, rows: Rows) -> torch.Tensor:
         """log pi(token) of every next token of ``rows`` [S, T-1] (0 on unsupervised positions): the
-        distribution the rollouts were sampled from, ``rollout_temperature`` and no dropout."""
+        distribution the rollouts were sampled from, ``rollout_temperature`` and no dropout. Under ``pack_rows``
+        the rows' sequences run packed (:func:`~forklight.data.rendering.repack_rows`) and land back in place."""
+        temperature = self.hparams.rollout_temperature
         with without_dropout(model):  # right padding needs no mask
-            nll = self.supervised_nll(model, rows.labels, self.hparams.rollout_temperature, input_ids=rows.input_ids)  # [K]
-        at, positions = scored_positions(rows.labels)  # [K], [K]
+            if self.packing():
+                packed = repack_rows(rows, self.tokenizer.pad_token_id, self.hparams.pack_length)
+                nll = self.supervised_nll(model, packed.rows.labels, temperature, input_ids=packed.rows.input_ids,
+                                          position_ids=packed.rows.position_ids)  # [K]
+                at, positions = scored_positions(packed.rows.labels)  # [K], [K] in the packed rows
+                at, positions = packed.source_row[at, positions], packed.source_position[at, positions]  # [K], [K]
+            else:
+                nll = self.supervised_nll(model, rows.labels, temperature, input_ids=rows.input_ids)  # [K]
+                at, positions = scored_positions(rows.labels)  # [K], [K]
         log_probs = nll.new_zeros(rows.labels.shape[0], rows.labels.shape[1] - 1)  # [S, T-1]
         return log_probs.index_put((at, positions), -nll)
 

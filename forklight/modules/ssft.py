@@ -46,7 +46,7 @@ from forklight.losses import (
     window_token_mean_part,
 )
 from forklight.matching import MATCHING_MODES, assignment_cost, expected_random_cost, match_traces_to_tags
-from forklight.models import CacheReuse, output_cache, probe_cache_reuse, probe_packing
+from forklight.models import CacheReuse, output_cache, probe_cache_reuse
 from forklight.modules.base import ForkModule
 from forklight.sharding import forward_is_collective
 
@@ -70,8 +70,6 @@ class SSFTModule(ForkModule):
         match_chunk_rows: int | None = None,
         match_share_prompt: bool = True,
         match_dtype: str | None = None,
-        pack_rows: bool = True,
-        pack_length: int | None = None,
         **kwargs,
     ) -> None:
         """Set supervised fine-tuning (and its SFT-mixed / random / fixed baselines).
@@ -90,12 +88,6 @@ class SSFTModule(ForkModule):
                 ~0.1-0.2 nats, and the matching differs only on near-ties (measured on the toy task:
                 95-99% of questions get the same assignment). Unset = the precision of the training
                 step (under ``trainer.precision: bf16-mixed`` the cost forwards already autocast).
-            pack_rows: the matched ``[prompt | tag | trace]`` sequences of the loss are packed end to end into rows
-                with restarting ``position_ids`` instead of each being padded to the longest (same loss; a model
-                whose attention crosses packed sequences says so once and is padded).
-            pack_length: tokens per packed row (default: the longest sequence's; with ``flash_attention_2``, whose
-                varlen kernels need no mask, a large value packs a micro-batch into one row). With ``sdpa`` or
-                ``eager`` a packed row's attention is dense over its length, so keep it near the longest sequence.
         """
         super().__init__(**kwargs)
         if matching not in MATCHING_MODES:
@@ -109,10 +101,7 @@ class SSFTModule(ForkModule):
             raise ValueError(f"model.match_dtype must be one of {sorted(MATCH_DTYPES)} or null, got {match_dtype!r}")
         self.last_assignments: list[tuple[list[str | None], list[int]]] = []  # (sources, tags) per question
         self.last_match_cost_gap: float | None = None  # per trace: random-assignment cost - matched cost
-        if pack_length is not None and pack_length < 1:
-            raise ValueError(f"model.pack_length must be >= 1 or null, got {pack_length}")
         self._cache_reuse: CacheReuse | None = None  # probed on first use (cache_reuse)
-        self._packing: bool | None = None  # probed on first use (packing)
 
     @torch.no_grad()
     def trace_tag_costs(self, batch: TraceSetBatch) -> list[np.ndarray]:
@@ -236,19 +225,6 @@ class SSFTModule(ForkModule):
             keep = {"logits_to_keep": input_ids.shape[1] - skipped} if skipped else {}
             logits = self.model(input_ids=input_ids.to(device), use_cache=False, **keep).logits  # [R, T - skipped, V]
             return logits, [t - skipped for t in tag_positions], 1
-
-    def packing(self) -> bool:
-        """Whether the loss packs its sequences (``pack_rows``), probed once: a model whose attention crosses packed
-        sequences (:func:`~forklight.models.probe_packing`) says why once and pads instead."""
-        if self._packing is None:
-            self._packing = bool(self.hparams.pack_rows)
-            if self._packing:
-                why = probe_packing(self.model)
-                if why:
-                    rank_zero_warn(f"model.pack_rows is on, but {type(self.model).__name__} cannot take packed rows: "
-                                   f"{why}; rows are padded instead (same loss, more padding)")
-                    self._packing = False
-        return self._packing
 
     def cache_reuse(self) -> CacheReuse:
         """What this model's forward does with a KV cache, probed once on a tiny input
