@@ -69,8 +69,9 @@ class EvaluationViews(L.Callback):
         num_tags = len(evaluations[0].scores)
         names = [f"tag{tag + 1}" for tag in range(num_tags)]
         logged = trainer.callback_metrics  # this validation's metrics (forklight.evaluation.evaluation_metrics)
-        pass_at_1 = [float(logged[f"val/{name}/pass@1"]) for name in names]
-        mean_length = [float(logged[f"val/{name}/len"]) for name in names]
+        # a tag without samples under the evaluation protocol (model.eval_tag_sampling) shows as 0
+        pass_at_1 = [float(logged.get(f"val/{name}/pass@1", 0.0)) for name in names]
+        mean_length = [float(logged.get(f"val/{name}/len", 0.0)) for name in names]
         lengths = [np.array([length for e in evaluations for length in e.lengths[tag]], dtype=np.float64)
                    for tag in range(num_tags)]  # [N] arrays of every completion's length, for the histograms
         length_scale = float(pl_module.hparams.get("max_new_tokens") or max(mean_length + [1.0]))

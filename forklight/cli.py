@@ -70,6 +70,9 @@ class ForkLightningCLI(LightningCLI):
         except (ValueError, OSError) as error:
             reasons = constructor_errors(str(error))
             raise ConfigError("\n".join(reasons) if reasons else str(error)) from error
+        model, data = getattr(self, "model", None), getattr(self, "datamodule", None)
+        if data is not None and model is not None and getattr(model, "starting_point", None) is not None:
+            data.follow_init_from(model.hparams.tokenizer, model.hparams.num_fork_tokens)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

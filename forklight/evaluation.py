@@ -15,6 +15,7 @@ import numpy as np
 
 from forklight.metrics import (
     answer_groups,
+    deinterleave_tags,
     cons_at_k,
     distinctness,
     interleave_tags,
@@ -27,16 +28,40 @@ from forklight.metrics import (
 
 @dataclass
 class QuestionEvaluation:
-    """Evaluation samples of one question: ``n_per_tag`` per tag, indexed [tag][sample]."""
+    """Evaluation samples of one question, indexed [tag][sample]: n_t samples after tag t (n_t may differ between
+    tags, and be 0: see :func:`sample_tags`), each tag's in generation order."""
 
     id: str
     answer: str | None
-    scores: list[list[float | None]]  # [N][n] verifier scores (None = not scorable)
-    answers: list[list[str | None]]  # [N][n] extracted answers (None: none found), for majority voting
-    lengths: list[list[int]]  # [N][n] generated tokens
-    texts: list[list[str]]  # [N][n]
-    strategies: list[list[str | None]] = field(default_factory=list)  # [N][n] if a classifier is set
+    scores: list[list[float | None]]  # [N][n_t] verifier scores (None = not scorable)
+    answers: list[list[str | None]]  # [N][n_t] extracted answers (None: none found), for majority voting
+    lengths: list[list[int]]  # [N][n_t] generated tokens
+    texts: list[list[str]]  # [N][n_t]
+    strategies: list[list[str | None]] = field(default_factory=list)  # [N][n_t] if a classifier is set
     policy: list[float] = field(default_factory=list)  # [N] the model's tag distribution pi(i | x)
+    truncated: list[list[bool]] = field(default_factory=list)  # [N][n_t] hit max_new_tokens (empty: unknown)
+
+
+TAG_SAMPLING = ("even", "default", "policy")
+
+
+def sample_tags(num_tags: int, samples: int, tag_sampling: str, default_tag: int,
+                policy: Sequence[float] | None = None, rng: np.random.Generator | None = None) -> list[int]:
+    """The tag of each of a question's ``samples`` evaluation samples, grouped by tag in tag order.
+
+    ``even``: split over the N tags as evenly as possible, the remainder to the lowest tags (32 over 6 tags:
+    6, 6, 5, 5, 5, 5; the paper's sot-N sampling); ``default``: all after ``default_tag``; ``policy``: each drawn
+    from the model's tag distribution ``policy`` [N] with ``rng``.
+    """
+    if tag_sampling == "even":
+        base, extra = divmod(samples, num_tags)
+        return [tag for tag in range(num_tags) for _ in range(base + (tag < extra))]
+    if tag_sampling == "default":
+        return [default_tag] * samples
+    if tag_sampling == "policy":
+        weights = np.asarray(policy, dtype=np.float64)
+        return sorted(rng.choice(num_tags, size=samples, p=weights / weights.sum()).tolist())
+    raise ValueError(f"tag_sampling must be one of {TAG_SAMPLING}, got {tag_sampling!r}")
 
 
 def every_tag(num_tags: int, n_per_tag: int) -> list[int]:
@@ -51,34 +76,36 @@ def question_evaluations(
     lengths: Sequence[int],
     scores: Sequence[float | None],
     policy: Sequence[list[float]],
+    tags: Sequence[Sequence[int]],
     num_tags: int,
-    n_per_tag: int,
     extract_answer: Callable[[str], str | None],
     classify_strategy: Callable[[str], str | None] | None = None,
+    truncated: Sequence[bool] | None = None,
 ) -> list[QuestionEvaluation]:
-    """Flat samples [B * N * n], ordered [question, tag, sample] (:func:`every_tag` per question),
-    regrouped per question as [tag][sample]; ``policy`` [B][N] is each question's tag distribution."""
-    n, per_question = n_per_tag, num_tags * n_per_tag
-
-    def grid(values: Iterable) -> list[list]:  # flat [N * n] -> [N][n]
-        values = list(values)
-        return [values[t * n : (t + 1) * n] for t in range(num_tags)]
-
-    results = []
+    """Flat samples, ordered [question, sample] with ``tags[q]`` the tag of each of question q's samples, regrouped
+    per question as [tag][sample] (each tag's samples in their order); ``policy`` [B][N] is each question's tag
+    distribution."""
+    results, position = [], 0
     for q, question_id in enumerate(ids):
-        block = slice(q * per_question, (q + 1) * per_question)
-        results.append(
-            QuestionEvaluation(
-                id=question_id,
-                answer=gold[q],
-                scores=grid(scores[block]),
-                answers=grid(extract_answer(text) for text in texts[block]),
-                lengths=grid(lengths[block]),
-                texts=grid(texts[block]),
-                strategies=grid(classify_strategy(text) for text in texts[block]) if classify_strategy else [],
-                policy=policy[q],
-            )
-        )
+        grids: dict[str, list[list]] = {key: [[] for _ in range(num_tags)] for key in
+                                         ("scores", "answers", "lengths", "texts", "strategies", "truncated")}
+        for tag in tags[q]:
+            text = texts[position]
+            grids["scores"][tag].append(scores[position])
+            grids["answers"][tag].append(extract_answer(text))
+            grids["lengths"][tag].append(lengths[position])
+            grids["texts"][tag].append(text)
+            if classify_strategy is not None:
+                grids["strategies"][tag].append(classify_strategy(text))
+            if truncated is not None:
+                grids["truncated"][tag].append(bool(truncated[position]))
+            position += 1
+        results.append(QuestionEvaluation(
+            id=question_id, answer=gold[q], scores=grids["scores"], answers=grids["answers"],
+            lengths=grids["lengths"], texts=grids["texts"],
+            strategies=grids["strategies"] if classify_strategy is not None else [], policy=policy[q],
+            truncated=grids["truncated"] if truncated is not None else [],
+        ))
     return results
 
 
@@ -155,63 +182,102 @@ def used_tags(coverage: list[float]) -> list[int]:
 def evaluation_metrics(
     evaluations: list[QuestionEvaluation],
     num_tags: int,
-    n_per_tag: int,
-    k: int,
+    k: int | Sequence[int],
     same_answer: Callable[[str, str], bool] | None,
     policy_tags: dict[str, int],
     fork_policy: str,
     purity_tags: list[int] | None = None,
 ) -> dict[str, float]:
-    """Per-tag pass@1/len/maj@n(/purity), pass@k, cons@N, cons@k, single-shot pass@1 per policy, distinctness.
+    """Per-tag pass@1/len/maj(/purity), pass@k, cons@N, cons@k, single-shot pass@1 per policy, distinctness.
 
-    Majority votes (DESIGN.md §2) count answers that ``same_answer`` (the verifier's
-    equivalence; None: exact string equality) says are equal as one group; None answers do not
-    vote; a vote is correct when the winning group's first member was scored correct; ties go to
-    the group whose first member came earliest in tag-interleaved order (tag 1 sample 1, tag 2
-    sample 1, ..., tag 1 sample 2, ...). ``cons@N`` (native): round r votes over sample r of every
-    tag, averaged over rounds and questions. ``cons@{k}``: one vote over the first k samples in
-    interleaved order (only when there are at least k). ``tag{i}/maj@{n}`` (when n > 1): one vote
-    over tag i's n samples. Questions without any score (no gold answer) do not vote.
+    Samples may be ragged (n_t per tag, some 0: :func:`sample_tags`); every mean runs over the samples that exist
+    and never divides by a count that was not generated. Rules:
 
-    ``policy_tags`` maps the tag-picking policies (``coverage``, ``fixed``) to their tag;
-    ``uniform`` and ``best_tag`` are computed from all tags; ``learned`` (expected pass@1 of a tag
-    drawn from the model's own tag distribution) and ``argmax`` (its most likely tag) per question. ``purity_tags`` (the tags trained on)
-    enables purity, averaged over them; leave it None when there is no strategy classifier.
+    - ``tag{i}/pass@1``: per question, the mean score of tag i's scored samples; averaged over the questions that
+      have any (absent when no question has a sample of tag i). ``tag{i}/samples``: how many there are.
+    - ``pass@1/samples``: per question the mean over all its scored samples, averaged over questions (the
+      protocol's pass@1: with ``tag_sampling: default`` that of the default tag, with ``even`` that of all tags).
+    - ``pass@{k}`` for each k (unbiased, Chen et al.) over the questions with at least k scored samples;
+      ``pass@k`` is the largest k's (kept for single-k configs).
+    - Majority votes (DESIGN.md §2) count answers that ``same_answer`` (the verifier's equivalence; None: exact
+      string equality) says are equal as one group; None answers do not vote; a vote is correct when the winning
+      group's first member was scored correct; **ties go to the group whose first member came earliest in voting
+      order**. ``cons@N`` (native): round r votes over sample r of every tag, complete rounds only (min_t n_t),
+      averaged over rounds, then questions. ``cons@{k}``: one vote over the first k samples in tag-interleaved
+      order (tag 1 sample 1, tag 2 sample 1, ..., a tag with fewer samples dropping out), over the questions with
+      at least k. ``tag{i}/maj@{n}``: one vote over tag i's n samples, when every question has the same n > 1.
+      Questions without any score (no gold answer) do not vote.
+    - ``tag{i}/len``, ``tag{i}/len_median``, ``tag{i}/truncated``: mean and median generated tokens and the share
+      that hit ``max_new_tokens``; ``len``, ``len_median``, ``truncated`` over all samples.
+
+    ``policy_tags`` maps the tag-picking policies (``coverage``, ``fixed``) to their tag; ``uniform`` and
+    ``best_tag`` are computed from the tags that have samples; ``learned`` (expected pass@1 of a tag drawn from
+    the model's own tag distribution) and ``argmax`` (its most likely tag) per question, where every tag has
+    samples. ``purity_tags`` (the tags trained on) enables purity, averaged over them; leave it None when there is
+    no strategy classifier.
     """
-    n = n_per_tag
+    ks = sorted({k} if isinstance(k, int) else set(k))
     metrics: dict[str, float] = {}
-    tag_pass = []
+    tag_pass: dict[int, float] = {}
     for tag in range(num_tags):
-        scored = [s for e in evaluations for s in e.scores[tag] if s is not None]
-        tag_pass.append(float(np.mean(scored)) if scored else 0.0)
-        metrics[f"tag{tag + 1}/pass@1"] = tag_pass[-1]
-        metrics[f"tag{tag + 1}/len"] = float(np.mean([length for e in evaluations for length in e.lengths[tag]]))
-    pass_k, cons_n, cons_k = [], [], []
-    maj: list[list[float]] = [[] for _ in range(num_tags)]  # [N][questions]
+        per_question = [np.mean(scored) for e in evaluations if (scored := [s for s in e.scores[tag] if s is not None])]
+        lengths = [length for e in evaluations for length in e.lengths[tag]]
+        if not lengths:
+            continue
+        metrics[f"tag{tag + 1}/samples"] = float(len(lengths))
+        if per_question:
+            tag_pass[tag] = metrics[f"tag{tag + 1}/pass@1"] = float(np.mean(per_question))
+        metrics[f"tag{tag + 1}/len"] = float(np.mean(lengths))
+        metrics[f"tag{tag + 1}/len_median"] = float(np.median(lengths))
+        cut = [t for e in evaluations if e.truncated for t in e.truncated[tag]]
+        if cut:
+            metrics[f"tag{tag + 1}/truncated"] = float(np.mean(cut))
+    pass_k: dict[int, list[float]] = {size: [] for size in ks}
+    cons_k: dict[int, list[float]] = {size: [] for size in ks}
+    cons_n, per_question_pass = [], []
+    maj: dict[int, list[float]] = {tag: [] for tag in range(num_tags)}
     for e in evaluations:
         flat = [s for row in e.scores for s in row if s is not None]
-        if flat and len(flat) >= k:
-            pass_k.append(pass_at_k(len(flat), int(sum(s > 0.5 for s in flat)), k))
         if not flat:
-            continue  # nothing scored (no gold answer): no vote
-        interleaved = answer_groups(interleave_tags(e.answers), same_answer or operator.eq)  # [N*n]
-        groups = [interleaved[tag::num_tags] for tag in range(num_tags)]  # [N][n], ids shared across tags
-        cons_n.append(native_cons_at_n(groups, e.scores))
-        if len(interleaved) >= k:
-            cons_k.append(cons_at_k(interleaved, interleave_tags(e.scores), k))
+            continue  # nothing scored (no gold answer): no pass@k, no vote
+        per_question_pass.append(float(np.mean(flat)))
+        for size in ks:
+            if len(flat) >= size:
+                pass_k[size].append(pass_at_k(len(flat), int(sum(s > 0.5 for s in flat)), size))
+        counts = [len(row) for row in e.answers]
+        interleaved = answer_groups(interleave_tags(e.answers), same_answer or operator.eq)  # [sum n_t]
+        groups = deinterleave_tags(interleaved, counts)  # [N][n_t], group ids shared across tags
+        if min(counts) > 0:
+            cons_n.append(native_cons_at_n(groups, e.scores))
+        for size in ks:
+            if len(interleaved) >= size:
+                cons_k[size].append(cons_at_k(interleaved, interleave_tags(e.scores), size))
         for tag in range(num_tags):
-            maj[tag].append(maj_at_k(groups[tag], e.scores[tag], n))
-    metrics["pass@k"] = float(np.mean(pass_k)) if pass_k else 0.0
-    metrics["cons@N"] = float(np.mean(cons_n)) if cons_n else 0.0
-    if cons_k:
-        metrics[f"cons@{k}"] = float(np.mean(cons_k))
-    if n > 1 and cons_n:
-        for tag in range(num_tags):
-            metrics[f"tag{tag + 1}/maj@{n}"] = float(np.mean(maj[tag]))
+            if counts[tag] > 1:
+                maj[tag].append(maj_at_k(groups[tag], e.scores[tag], counts[tag]))
+    if per_question_pass:
+        metrics["pass@1/samples"] = float(np.mean(per_question_pass))
+    for size in ks:
+        if pass_k[size]:
+            metrics[f"pass@{size}"] = float(np.mean(pass_k[size]))
+        if cons_k[size]:
+            metrics[f"cons@{size}"] = float(np.mean(cons_k[size]))
+    if pass_k[ks[-1]]:
+        metrics["pass@k"] = metrics[f"pass@{ks[-1]}"]
+    if cons_n:
+        metrics["cons@N"] = float(np.mean(cons_n))
+    for tag in range(num_tags):
+        sizes = {len(e.answers[tag]) for e in evaluations if any(s is not None for row in e.scores for s in row)}
+        if maj[tag] and len(sizes) == 1 and len(maj[tag]) == len(per_question_pass):
+            metrics[f"tag{tag + 1}/maj@{sizes.pop()}"] = float(np.mean(maj[tag]))
     for policy, tag in policy_tags.items():
-        metrics[f"pass@1/{policy}"] = tag_pass[tag]
-    metrics["pass@1/uniform"] = float(np.mean(tag_pass))
-    if evaluations and all(e.policy for e in evaluations):
+        if tag in tag_pass:
+            metrics[f"pass@1/{policy}"] = tag_pass[tag]
+    if tag_pass:
+        metrics["pass@1/uniform"] = float(np.mean(list(tag_pass.values())))
+        metrics["pass@1/best_tag"] = max(tag_pass.values())
+    every_tag_sampled = all(all(row for row in e.scores) for e in evaluations)
+    if evaluations and every_tag_sampled and all(e.policy for e in evaluations):
         learned, argmax = [], []
         for e in evaluations:
             per_tag = [float(np.mean([s for s in row if s is not None] or [0.0])) for row in e.scores]  # [N]
@@ -219,16 +285,25 @@ def evaluation_metrics(
             argmax.append(per_tag[int(np.argmax(e.policy))])
         metrics["pass@1/learned"] = float(np.mean(learned))
         metrics["pass@1/argmax"] = float(np.mean(argmax))
-    metrics["pass@1/best_tag"] = max(tag_pass)
-    if f"pass@1/{fork_policy}" not in metrics:
+    if f"pass@1/{fork_policy}" in metrics:
+        metrics["pass@1"] = metrics[f"pass@1/{fork_policy}"]
+    elif fork_policy in ("learned", "argmax") and not (evaluations and all(e.policy for e in evaluations)):
         raise ValueError(f"fork_policy={fork_policy} needs the model's tag distribution for every question "
                          "(QuestionEvaluation.policy); use coverage, fixed or uniform")
-    metrics["pass@1"] = metrics[f"pass@1/{fork_policy}"]
-    metrics["len"] = float(np.mean([length for e in evaluations for row in e.lengths for length in row]))
-    metrics["distinctness"] = float(np.mean([distinctness(e.texts) for e in evaluations]))
+    elif "pass@1/samples" in metrics:  # the policy's tag has no samples under this protocol: the samples' pass@1
+        metrics["pass@1"] = metrics["pass@1/samples"]
+    all_lengths = [length for e in evaluations for row in e.lengths for length in row]
+    if all_lengths:
+        metrics["len"] = float(np.mean(all_lengths))
+        metrics["len_median"] = float(np.median(all_lengths))
+    cut = [t for e in evaluations for row in e.truncated for t in row]
+    if cut:
+        metrics["truncated"] = float(np.mean(cut))
+    sampled_texts = [[row for row in e.texts if row] for e in evaluations]
+    metrics["distinctness"] = float(np.mean([distinctness(texts) for texts in sampled_texts])) if sampled_texts else 0.0
     if purity_tags is not None:
         for tag in range(num_tags):
-            labels = [label for e in evaluations for label in e.strategies[tag]]
+            labels = [label for e in evaluations for label in (e.strategies[tag] if e.strategies else [])]
             metrics[f"tag{tag + 1}/purity"] = strategy_purity(labels)
         metrics["purity"] = float(np.mean([metrics[f"tag{tag + 1}/purity"] for tag in purity_tags]))
     return metrics

@@ -37,8 +37,22 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 
 
 def interleave_tags(samples_by_tag: Sequence[Sequence[T]]) -> list[T]:
-    """[N][n] -> [N*n] in tag-interleaved order: tag 1 sample 1, tag 2 sample 1, ..., tag 1 sample 2, ..."""
-    return [row[sample] for sample in range(len(samples_by_tag[0]) if samples_by_tag else 0) for row in samples_by_tag]
+    """[N][n_t] -> [sum n_t] in tag-interleaved order: tag 1 sample 1, tag 2 sample 1, ..., tag 1 sample 2, ...;
+    a tag with fewer samples drops out of the later rounds."""
+    rounds = max((len(row) for row in samples_by_tag), default=0)
+    return [row[sample] for sample in range(rounds) for row in samples_by_tag if sample < len(row)]
+
+
+def deinterleave_tags(values: Sequence[T], counts: Sequence[int]) -> list[list[T]]:
+    """The inverse of :func:`interleave_tags`: [sum n_t] in interleaved order -> [N][n_t], ``counts`` = n_t."""
+    rows: list[list[T]] = [[] for _ in counts]
+    position = 0
+    for sample in range(max(counts, default=0)):
+        for tag, count in enumerate(counts):
+            if sample < count:
+                rows[tag].append(values[position])
+                position += 1
+    return rows
 
 
 def answer_groups(
@@ -113,10 +127,11 @@ maj_at_k = cons_at_k
 def native_cons_at_n(groups: Sequence[Sequence[Hashable | None]], scores: Sequence[Sequence[float | None]]) -> float:
     """Native cons@N (DESIGN.md §2): round r votes over sample r of every tag; mean over rounds.
 
-    ``groups``/``scores`` [N][n]. Each round's N answers vote in tag order (ties: the lowest tag's
-    group). Returns 0.0 when there are no samples.
+    ``groups``/``scores`` [N][n_t]. Each round's N answers vote in tag order (ties: the lowest tag's
+    group). Only complete rounds (one sample of every tag) count: min_t n_t of them. Returns 0.0 when
+    there are none.
     """
-    rounds = len(groups[0]) if groups else 0
+    rounds = min((len(row) for row in groups), default=0)
     if rounds == 0:
         return 0.0
     return sum(vote_score([row[r] for row in groups], [row[r] for row in scores]) for r in range(rounds)) / rounds

@@ -1,7 +1,7 @@
 """Verifiers: score completions against gold answers (1.0 correct, 0.0 wrong, None = skip).
 
 A verifier is ``f(completions, answers, **columns) -> list[float | None]`` (``columns``: the
-record's other fields, one list each), named here (``exact_integer``, ``math``), given as
+record's other fields, one list each), named here (``exact_integer``, ``math``, ``choice``: multiple-choice letters), given as
 ``module:function`` or ``{class_path, init_args}``; several combine with weights. ``extract_answer`` gives the answer string
 that majority voting (cons@N, cons@k, maj@k) counts; a verifier's optional ``same_answer(a, b)`` says which
 of those strings it counts as equal (default: exact string equality).
@@ -191,6 +191,48 @@ def _math_scores(completions: list[str], answers: list[str | None], timeout_s: i
     return results
 
 
+_CHOICE_PATTERNS = [  # most explicit first; within a pattern the last match wins
+    re.compile(r"\\boxed\{\s*(?:\\text\{\s*)?\(?([A-J])\)?\s*\}?\s*\}"),  # \boxed{C}, \boxed{(C)}, \boxed{\text{C}}
+    re.compile(r"(?i:answer)\s*(?:is)?\s*[:：]?\s*\**\s*\(?([A-J])\)?(?![A-Za-z])"),  # Answer: C, the answer is (C)
+    re.compile(r"\*\*\s*\(?([A-J])\)?\s*\*\*"),  # **C**, **(C)**
+    re.compile(r"(?m)^\s*\(?([A-J])\)?[.)]?\s*$"),  # a line that is only the letter
+]
+
+
+def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
+    """The chosen option letter of a multiple-choice completion, or None: ``\\boxed{C}``, then "Answer: C" / "the
+    answer is (C)", then "**C**", then a line holding only the letter; the last match of the first pattern that
+    matches (text after ``</think>`` when there is one). Letters outside ``letters`` are ignored."""
+    tail = text.rsplit("</think>", 1)[-1]
+    for pattern in _CHOICE_PATTERNS:
+        found = [letter for letter in pattern.findall(tail) if letter in letters]
+        if found:
+            return found[-1]
+    return None
+
+
+class ChoiceVerifier:
+    """Multiple choice (A-D, up to A-J): 1.0 when the extracted letter (:func:`extract_choice`) is the gold letter,
+    0.0 otherwise (no letter found included); a gold answer that is not a single letter gives None (skipped)."""
+
+    def __init__(self, letters: str = "ABCDEFGHIJ") -> None:
+        self.letters = letters
+
+    def extract_answer(self, text: str) -> str | None:
+        return extract_choice(text, self.letters)
+
+    def extract_gold(self, answer: str) -> str | None:
+        gold = answer.strip().strip("()").upper()
+        return gold if len(gold) == 1 and gold in self.letters else None
+
+    def __call__(self, completions: Sequence[str], answers: Sequence[str | None], **columns) -> list[float | None]:
+        scores: list[float | None] = []
+        for completion, answer in zip(completions, answers, strict=True):
+            gold = self.extract_gold(answer) if answer is not None else None
+            scores.append(None if gold is None else float(self.extract_answer(completion) == gold))
+        return scores
+
+
 class WeightedVerifiers:
     """Several verifiers as one: the weighted sum of the scores that are not None (None if all are)."""
 
@@ -293,7 +335,10 @@ def gold_answer_parser(verifier: Callable, extract_answer: Callable[[str], str |
     return None
 
 
-VERIFIERS: dict[str, Callable] = {"exact_integer": exact_integer, "math": MathVerifier}
+VERIFIERS: dict[str, Callable] = {"exact_integer": exact_integer, "math": MathVerifier, "choice": ChoiceVerifier}
+NOT_BUILT = {"code": "sandboxed code execution is not built yet; configs/eval/livecodebench.yaml reads LiveCodeBench's "
+                     "data and prompts but cannot score them: meanwhile `forklight predict` with "
+                     "--model.init_args.verifier=exact_integer writes the completions (no gold answers: no scores)"}
 ANSWER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {"exact_integer": extract_last_integer}
 
 
@@ -316,6 +361,8 @@ VerifierSpec = str | dict
 def _one_verifier(spec: VerifierSpec, key: str) -> tuple[Callable, float]:
     """(verifier, weight) from ``name``, ``module:function`` or ``{class_path, init_args, weight}``."""
     if isinstance(spec, str):
+        if spec in NOT_BUILT:
+            raise ValueError(f"{key}={spec!r}: {NOT_BUILT[spec]}")
         found = resolve_callable(spec, VERIFIERS, key)
         return (found() if isinstance(found, type) else found), 1.0
     if not isinstance(spec, dict):
@@ -343,7 +390,7 @@ def _one_verifier(spec: VerifierSpec, key: str) -> tuple[Callable, float]:
 
 
 def resolve_verifier(spec: VerifierSpec | list[VerifierSpec]) -> tuple[Callable, Callable[[str], str | None]]:
-    """(verifier, answer extractor) for ``model.verifier``: a name (``exact_integer``, ``math``),
+    """(verifier, answer extractor) for ``model.verifier``: a name (``exact_integer``, ``math``, ``choice``),
     ``package.module:function``, ``{class_path, init_args, weight}``, or a list of these (weighted
     sum). Majority voting uses the first verifier's ``extract_answer`` (default: the last integer)."""
     specs = spec if isinstance(spec, list) else [spec]

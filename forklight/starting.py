@@ -31,11 +31,11 @@ class StartingPoint:
     identity: dict  # what it fixes about the model: the IDENTITY_KEYS it has
     metadata: dict = field(default_factory=dict)  # an export's forklight.json ({} for a checkpoint)
 
-    def hyperparameters(self, num_fork_tokens: int) -> dict:
+    def hyperparameters(self, num_fork_tokens: int | None) -> dict:
         """The hyperparameters it fixes (identity, resolved ``init_from`` and tokenizer), after checking
-        that the config asks for as many fork tokens as it has."""
+        that the config asks for as many fork tokens as it has (None: whatever it has)."""
         start_tags = self.identity.get("num_fork_tokens", 6)
-        if num_fork_tokens != start_tags:
+        if num_fork_tokens is not None and num_fork_tokens != start_tags:
             raise ValueError(
                 f"model.num_fork_tokens={num_fork_tokens} but model.init_from={self.path} has {start_tags} fork "
                 f"tokens; set model.init_args.num_fork_tokens={start_tags}"

@@ -22,6 +22,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from forklight.data.benchmarks import BENCHMARKS, load_benchmark
 from forklight.data.batching import LengthGroupedSampler, QuestionDataset, ResumableDataLoader, collate_questions
 from forklight.data.records import LAYOUTS, ON_BAD_RECORD, FieldNames, QuestionRecord, load_records
 from forklight.data.rendering import TOY_TOKENIZER, RenderedQuestion, load_tokenizer
@@ -61,8 +62,9 @@ class ForkDataModule(L.LightningDataModule):
         test: str | None = None,
         predict: str | None = None,
         toy: ToyTask | None = None,
+        benchmark: str | None = None,
         tokenizer: str = TOY_TOKENIZER,
-        num_fork_tokens: int = 6,
+        num_fork_tokens: int | None = 6,
         fields: FieldNames = FieldNames(),
         layout: str = "auto",
         on_bad_record: str = "error",
@@ -92,6 +94,10 @@ class ForkDataModule(L.LightningDataModule):
                 ``{"id", "prompt" | "messages", "answer"?}`` per line); default the test split.
             toy: the embedded toy arithmetic task; off when ``train`` is set (a ``val``/``test`` file
                 replaces that toy split).
+            benchmark: read ``test`` (and ``val``, ``predict``) in an evaluation benchmark's own layout
+                (``aime24``, ``aime25``, ``math500``, ``gpqa_diamond``, ``livecodebench``;
+                :mod:`forklight.data.benchmarks`): a local file or dir in that layout, or its hub dataset when
+                ``test`` is unset. Questions without traces; ``train`` may then be unset (evaluation only).
             tokenizer: tokenizer name or path (linked from ``model.tokenizer``); ``toy`` = character tokenizer.
             num_fork_tokens: number of forking tokens (linked from the model).
             fields: field names of the input records.
@@ -125,7 +131,9 @@ class ForkDataModule(L.LightningDataModule):
                                     ("overlong", overlong, OVERLONG)):
             if value not in allowed:
                 raise ConfigError(f"data.{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        if train is None and toy is None:
+        if benchmark is not None and benchmark not in BENCHMARKS:
+            raise ConfigError(f"data.benchmark must be one of {sorted(BENCHMARKS)} or null, got {benchmark!r}")
+        if train is None and toy is None and benchmark is None:
             raise ConfigError("set data.train to a data file/dataset, or data.toy for the embedded toy task")
         if train is not None and toy is not None:  # an explicit file overrides a config's toy default
             rank_zero_info(f"forklight: data.init_args.train={train!r} is set, so the toy task (data.init_args.toy) is off")
@@ -156,12 +164,29 @@ class ForkDataModule(L.LightningDataModule):
         # What validation did, per split: printed at setup, completed by check_gold_answers.
         self.validation: dict[str, SplitValidation] = {}
 
+    def follow_init_from(self, tokenizer: str, num_fork_tokens: int) -> None:
+        """The model's tokenizer and N when its ``init_from`` fixed them (a config's ``tokenizer`` or
+        ``num_fork_tokens: null`` gives way to the export's); before setup, so the data is tokenised with them."""
+        updates = {"tokenizer": tokenizer}
+        if self.hparams.get("num_fork_tokens") is None:
+            updates["num_fork_tokens"] = num_fork_tokens
+            if self.hparams.get("max_traces") is None:
+                self.max_traces = num_fork_tokens
+        for key, value in updates.items():
+            self.hparams[key] = value
+            if getattr(self, "_hparams_initial", None) is not None:  # what Lightning logs and merges with the model's
+                self._hparams_initial[key] = value
+
     # ---- reading -------------------------------------------------------------------------
-    def _read(self, path: str, split: str) -> list[QuestionRecord]:
-        records, report = load_records(
-            path, fields=self.fields, layout=self.hparams.layout, on_bad_record=self.hparams.on_bad_record,
-            questions_only=split == "predict",
-        )
+    def _read(self, path: str | None, split: str) -> list[QuestionRecord]:
+        benchmark = self.hparams.get("benchmark")
+        if benchmark is not None and split != "train":  # the benchmark's layout (path None: its hub dataset)
+            records, report = load_benchmark(benchmark, path, self.hparams.seed, self.hparams.on_bad_record)
+        else:
+            records, report = load_records(
+                path, fields=self.fields, layout=self.hparams.layout, on_bad_record=self.hparams.on_bad_record,
+                questions_only=split == "predict",
+            )
         self.validation.setdefault(split, SplitValidation()).skipped.update(report.skip_reasons)
         for message in report.skipped:
             log.warning("skipped bad record: %s", message)
@@ -193,6 +218,9 @@ class ForkDataModule(L.LightningDataModule):
         return splits
 
     def _read_file_splits(self) -> dict[str, list[QuestionRecord]]:
+        if self.hparams.train is None:  # evaluation of a benchmark only
+            return {"train": [], "val": self._read(self.hparams.val, "val") if self.hparams.val else [],
+                    "test": self._read(self.hparams.test, "test")}
         splits = {"train": self._read(self.hparams.train, "train")}
         rng = np.random.default_rng(self.hparams.seed)
         for name, size in (("val", self.hparams.val_size), ("test", self.hparams.test_size)):

@@ -103,7 +103,7 @@ def load_records(
     """
     report = LoadReport(path=path)  # the arguments are checked by parse_record_rows, before any reading
     records = parse_record_rows(
-        _read_rows(path, split), fields=fields or FieldNames(), layout=layout,
+        read_rows(path, split), fields=fields or FieldNames(), layout=layout,
         on_bad_record=on_bad_record, report=report, questions_only=questions_only,
     )
     if not records:
@@ -169,8 +169,8 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
-def _read_rows(path: str, split: str) -> Iterator[tuple[str, Row | RecordError]]:
-    """Yield ``(location, row)`` from a file, a local directory or a ``datasets`` name."""
+def read_rows(path: str, split: str, name: str | None = None) -> Iterator[tuple[str, Row | RecordError]]:
+    """Yield ``(location, row)`` from a file, a local directory or a ``datasets`` name (``name``: its config)."""
     suffix = os.path.splitext(path)[1].lower()
     looks_local = os.path.isabs(path) or path.startswith(".") or suffix in (".jsonl", ".json", ".parquet")
     if looks_local and not os.path.exists(path):
@@ -193,7 +193,7 @@ def _read_rows(path: str, split: str) -> Iterator[tuple[str, Row | RecordError]]
         import datasets  # slow import, only when needed
 
         try:
-            dataset = datasets.load_dataset(path, split=split)
+            dataset = datasets.load_dataset(path, name, split=split)
         except Exception as err:  # noqa: BLE001 - datasets raises many kinds
             raise RecordError(f"{path}: cannot load it ({type(err).__name__}: {err}); {_ACCEPTED}") from err
         yield from ((f"{path}[{split}]:row {k}", row) for k, row in enumerate(dataset, 1))

@@ -122,6 +122,15 @@ class TraceSetBatch:
         """Whether this batch trains trace ``trace`` of its question ``question`` (:attr:`trained`)."""
         return not self.trained or self.trained[question] is None or trace in self.trained[question]
 
+    def select(self, indices: Sequence[int]) -> TraceSetBatch:
+        """The batch of questions ``indices`` (in that order)."""
+        def pick(values: list) -> list:
+            return [values[i] for i in indices] if values else []
+
+        return TraceSetBatch(ids=pick(self.ids), prompt_ids=pick(self.prompt_ids), trace_ids=pick(self.trace_ids),
+                             sources=pick(self.sources), answers=pick(self.answers), columns=pick(self.columns),
+                             trained=pick(self.trained))
+
     @property
     def split(self) -> bool:
         """Whether some question of this batch trains only some of its traces (the rest in other batches)."""

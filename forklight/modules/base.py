@@ -59,7 +59,7 @@ class ForkModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         lora: dict | None = None,
         shard_block_classes: list[str] | None = None,
-        num_fork_tokens: int = 6,
+        num_fork_tokens: int | None = 6,
         fork_token_format: str = "<think{i}>",
         fork_init_noise: float = 0.1,
         end_token: str | None = None,
@@ -80,7 +80,11 @@ class ForkModule(L.LightningModule):
         attn_implementation: str | None = None,
         pack_rows: bool = True,
         pack_length: int | None = None,
-        pass_k: int | None = None,
+        pass_k: int | list[int] | None = None,
+        samples_per_question: int | None = None,
+        eval_tag_sampling: str = "even",
+        eval_output: str | None = None,
+        eval_resume: bool = True,
         fork_policy: str = "coverage",
         fixed_tag: int = 0,
         predict_tags: str = "all",
@@ -112,7 +116,8 @@ class ForkModule(L.LightningModule):
                 too, every other weight is frozen, and the export merges the adapters (needs ``peft``).
             shard_block_classes: class names of the transformer blocks that FSDP2 (and the FSDP wrap policy)
                 shard one by one; default the Hugging Face model's ``_no_split_modules``.
-            num_fork_tokens: N, the number of forking tokens ``<think1>..<thinkN>``.
+            num_fork_tokens: N, the number of forking tokens ``<think1>..<thinkN>``; null: as many as ``init_from`` has
+                (evaluation configs that take any export).
             fork_token_format: name of fork token i (1-based), must contain ``{i}``.
             fork_init_noise: std of the seeded perturbation of new fork embeddings, relative to the rows' std.
             end_token: token that ends an answer (default: the tokenizer's EOS); generation stops there.
@@ -147,7 +152,16 @@ class ForkModule(L.LightningModule):
             pack_length: tokens per packed row (default: the longest sequence's; with ``flash_attention_2``, whose
                 varlen kernels need no mask, a large value packs a micro-batch into one row). With ``sdpa`` or
                 ``eager`` a packed row's attention is dense over its length, so keep it near the longest sequence.
-            pass_k: k of ``val/pass@k`` and ``val/cons@{k}`` (default: all samples of a question, N * n_per_tag).
+            pass_k: k of ``pass@{k}`` and ``cons@{k}``, or a list of them (default: all samples of a question);
+                ``pass@k`` is the largest.
+            samples_per_question: evaluation samples per question S (default: ``num_fork_tokens * n_per_tag``).
+            eval_tag_sampling: the tags of those samples (:func:`~forklight.evaluation.sample_tags`): ``even`` (S split over
+                the N tags, the remainder to the lowest: the paper's sot-N), ``default`` (all after the default tag)
+                or ``policy`` (each drawn from the model's tag distribution, seeded per question).
+            eval_output: directory where ``forklight test`` writes ``results.json``, ``results.md`` and the
+                per-sample ``samples.jsonl`` (default: ``<log dir>/evaluation``); give a fixed one to resume.
+            eval_resume: a ``forklight test`` whose ``eval_output`` holds samples of the same protocol and model
+                re-uses its finished questions (a killed evaluation loses nothing); another protocol is an error.
             fork_policy: single-shot tag choice for ``val/pass@1``: ``learned`` (sample from the model's tag
                 distribution), ``argmax`` (its most likely tag), ``coverage`` (default tag), ``fixed``, ``uniform``.
             fixed_tag: tag index (0-based) used by ``fork_policy: fixed``.
@@ -168,6 +182,9 @@ class ForkModule(L.LightningModule):
         self._hparam_overrides = {"tokenizer": tokenizer_name(tokenizer, name_or_path, gguf_file=gguf_file)}
         if self.starting_point is not None:  # it fixes the model
             self._hparam_overrides = self.starting_point.hyperparameters(num_fork_tokens)
+        elif num_fork_tokens is None:
+            raise ValueError("model.num_fork_tokens is null, which means 'as many as model.init_from has', but "
+                             "init_from is unset; give a number (or init_from)")
         # The checkpoint's hyperparameters: the arguments of every constructor of the chain, this one's and the
         # subclass's (SSFTModule's matching, ...), which Lightning reads off the call stack; then what was resolved.
         self.save_hyperparameters()
