@@ -66,7 +66,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.timing import CLOCKS, RESULTS, add_clock_argument, write_results
+from benchmarks.timing import CLOCKS, RESULTS, add_clock_argument, count_supervised_tokens, write_results
 
 VOCAB = 152_064  # Qwen2.5's vocabulary
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -240,15 +240,7 @@ def trl_step_worker(spec: dict) -> dict:
     trainer = SFTTrainer(model=module.model, args=args, train_dataset=Dataset.from_list(data),
                          processing_class=module.tokenizer, callbacks=[probe])
     trainer.remove_callback(PrinterCallback)
-    supervised: list[int] = []
-    collate = trainer.data_collator
-
-    def counting_collator(examples):
-        collated = collate(examples)
-        supervised.append(int((collated["labels"] != -100).sum()))
-        return collated
-
-    trainer.data_collator = counting_collator
+    supervised = count_supervised_tokens(trainer)
     trainer.train()
     peak = peak_rss_mib()
     steps = [b - a for a, b in zip(probe.ends, probe.ends[1:])]

@@ -129,6 +129,21 @@ def step_seconds(timer, warmup_steps: int) -> list[float]:
     return [b - a for a, b in zip(ends, ends[1:])][warmup_steps:]
 
 
+def count_supervised_tokens(trainer) -> list[int]:
+    """Wrap a transformers ``Trainer``'s collator so that every batch's supervised tokens (labels != -100) are
+    appended to the returned list as the trainer collates them."""
+    supervised: list[int] = []
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        batch = collate(examples)
+        supervised.append(int((batch["labels"] != -100).sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    return supervised
+
+
 # ---- output --------------------------------------------------------------------------------------
 def quiet() -> None:
     """Keep the tables readable: no per-run banners, progress bars or library warnings."""

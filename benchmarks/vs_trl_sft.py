@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 
-from benchmarks.timing import Clock, alternate, hf_step_timer, median_of_runs, step_seconds
+from benchmarks.timing import Clock, alternate, count_supervised_tokens, hf_step_timer, median_of_runs, step_seconds
 from benchmarks.workloads import model_spec, planned_rows, run_forklight_sft, sft_datamodule, sft_module, throughput
 
 
@@ -35,15 +35,7 @@ def run_trl_sft(spec: dict, rows: list[dict], rows_per_step: int, steps: int, wa
     trainer = SFTTrainer(model=module.model, args=args, train_dataset=Dataset.from_list(rows[: rows_per_step * total]),
                          processing_class=module.tokenizer, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # its end-of-training summary line
-    supervised: list[int] = []
-    collate = trainer.data_collator
-
-    def counting_collator(examples):
-        batch = collate(examples)
-        supervised.append(int((batch["labels"] != -100).sum()))
-        return batch
-
-    trainer.data_collator = counting_collator
+    supervised = count_supervised_tokens(trainer)
     trainer.train()
     return throughput(step_seconds(timer, warmup_steps), supervised[warmup_steps:total])
 
