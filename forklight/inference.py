@@ -27,6 +27,7 @@ import torch
 
 from forklight.data.records import QuestionRecord
 from forklight.data.rendering import render_prompt_ids
+from forklight.evaluation import sample_tags
 from forklight.metrics import answer_groups, majority_vote
 from forklight.rollout import Completion
 
@@ -87,20 +88,17 @@ class ForkingModel:
     def choose_tags(self, question, tags: str | list[int], n: int, seed: int) -> list[int]:
         """The tag of every completion to generate: ``n`` per tag for ``all``/``default``/a list, or ``n`` drawn from
         the model's tag distribution for ``policy``."""
-        num_tags = len(self.tags)
-        if tags == "all":
-            chosen = list(range(num_tags))
-        elif tags == "default":
-            chosen = [self.module.default_tag]
-        elif tags == "policy":
-            policy = np.array(self.tag_policy(question))
-            return np.random.default_rng(seed).choice(num_tags, size=n, p=policy / policy.sum()).tolist()
-        elif isinstance(tags, (list, tuple)) and tags and all(isinstance(t, int) and 0 <= t < num_tags for t in tags):
-            chosen = list(tags)
-        else:
-            raise ValueError(f"tags must be 'all', 'default', 'policy' or a list of tag indices in "
-                             f"[0, {num_tags - 1}], got {tags!r}")
-        return [tag for tag in chosen for _ in range(n)]
+        num_tags, default = len(self.tags), self.module.default_tag
+        if tags == "all":  # the evaluation protocol's tag plans (forklight.evaluation.sample_tags)
+            return sample_tags(num_tags, num_tags * n, "even", default)
+        if tags == "default":
+            return sample_tags(num_tags, n, "default", default)
+        if tags == "policy":
+            return sample_tags(num_tags, n, "policy", default, self.tag_policy(question), np.random.default_rng(seed))
+        if isinstance(tags, (list, tuple)) and tags and all(isinstance(t, int) and 0 <= t < num_tags for t in tags):
+            return [tag for tag in tags for _ in range(n)]
+        raise ValueError(f"tags must be 'all', 'default', 'policy' or a list of tag indices in "
+                         f"[0, {num_tags - 1}], got {tags!r}")
 
     def generate(self, question: str | list[dict[str, str]], tags: str | list[int] = "all", n: int = 1,
                  **sampling) -> dict[str, list[Completion]]:

@@ -144,10 +144,15 @@ class Evaluator:
                                       trainer.world_size, resume, reuse)
         return self._store
 
+    def data_settings(self) -> dict:
+        """The running trainer's datamodule's hyperparameters ({} without one)."""
+        module = self.module
+        datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+        return dict(getattr(datamodule, "hparams", {}) or {})
+
     def data_name(self) -> str:
         """What was evaluated, for the results table: the benchmark, the toy task, or the test file's name."""
-        module = self.module
-        data = dict(getattr(getattr(module.trainer, "datamodule", None), "hparams", {}) or {})
+        data = self.data_settings()
         if data.get("benchmark"):
             return data["benchmark"]
         if data.get("test"):
@@ -157,8 +162,7 @@ class Evaluator:
     def identity(self) -> dict:
         """The protocol and the model of this evaluation (``protocol.json``, ``results.json``)."""
         module, hp = self.module, self.module.hparams
-        datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
-        data = dict(getattr(datamodule, "hparams", {}) or {})
+        data = self.data_settings()
         path = hp.get("init_from") or hp.get("name_or_path")
         resolved = module.starting_point.path if module.starting_point is not None else path
         return {
