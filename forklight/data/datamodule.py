@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from forklight.data.benchmarks import BENCHMARKS, load_benchmark
+from forklight.data.layouts import ThinkMarkup
 from forklight.data.batching import LengthGroupedSampler, QuestionDataset, ResumableDataLoader, collate_questions
 from forklight.data.records import LAYOUTS, ON_BAD_RECORD, FieldNames, QuestionRecord, load_records
 from forklight.data.rendering import TOY_TOKENIZER, RenderedQuestion, load_tokenizer
@@ -67,6 +68,7 @@ class ForkDataModule(L.LightningDataModule):
         num_fork_tokens: int | None = 6,
         fields: FieldNames = FieldNames(),
         layout: str = "auto",
+        think: ThinkMarkup = ThinkMarkup(),
         on_bad_record: str = "error",
         val_size: int = 0,
         test_size: int = 0,
@@ -81,6 +83,8 @@ class ForkDataModule(L.LightningDataModule):
         max_tokens_per_batch: int | None = None,
         eval_batch_size: int = 64,
         num_workers: int = 0,
+        num_proc: int = 1,
+        cache_dir: str | None = None,
         seed: int = 0,
         trust_remote_code: bool = False,
     ) -> None:
@@ -101,8 +105,12 @@ class ForkDataModule(L.LightningDataModule):
             tokenizer: tokenizer name or path (linked from ``model.tokenizer``); ``toy`` = character tokenizer.
             num_fork_tokens: number of forking tokens (linked from the model).
             fields: field names of the input records.
-            layout: ``grouped`` (one question per row), ``flat`` (one trace per row), ``prompts`` (questions
-                without traces; ``predict`` files only) or ``auto`` (a ``predict`` file may have no traces).
+            layout: ``grouped`` (one question per row; a list column of traces, with optional per-trace keep flags),
+                ``flat`` (one trace per row), ``columns`` (one column per trace: ``fields.trace_columns``), ``chat``
+                (a conversation per row, its last assistant turn the trace), ``prompts`` (questions without traces;
+                ``predict`` files only) or ``auto`` (decided by the first row; :mod:`forklight.data.layouts`).
+            think: keep or strip the ``<think>…</think>`` markup of traces, and keep the reasoning, the final
+                answer or both (:class:`~forklight.data.layouts.ThinkMarkup`).
             on_bad_record: ``error`` stops at the first bad record; ``skip`` skips and counts it.
             val_size: questions split off ``train`` (seeded) when ``val`` is unset.
             test_size: questions split off ``train`` (seeded) when ``test`` is unset.
@@ -123,6 +131,8 @@ class ForkDataModule(L.LightningDataModule):
                 only sets the length-grouping window. The loss stays the token mean over the whole optimiser step.
             eval_batch_size: questions per validation/test batch.
             num_workers: DataLoader worker processes.
+            num_proc: processes that tokenise the data when the token cache is built.
+            cache_dir: where rendered token ids are cached per split (see :mod:`forklight.data.cache`).
             seed: seed of the splits, the shuffling and the trace sampling.
             trust_remote_code: allow a tokenizer's own code (off unless the model asks for it).
         """
@@ -148,7 +158,7 @@ class ForkDataModule(L.LightningDataModule):
         for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                 ("max_length", max_length, 8), ("min_traces", min_traces, 1),
                                 ("max_traces", 1 if max_traces is None else max_traces, 1), ("num_workers", num_workers, 0),
-                                ("val_size", val_size, 0), ("test_size", test_size, 0)):
+                                ("val_size", val_size, 0), ("test_size", test_size, 0), ("num_proc", num_proc, 1)):
             if value < low:
                 raise ConfigError(f"data.{key} must be >= {low}, got {value}")
         if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
@@ -158,6 +168,7 @@ class ForkDataModule(L.LightningDataModule):
             self.hparams["toy"] = None
         self.toy = toy
         self.fields = fields
+        self.think = think
         self.max_traces = max_traces if max_traces is not None else num_fork_tokens
         self.tokenizer = None
         self.datasets: dict[str, QuestionDataset] = {}
@@ -185,7 +196,7 @@ class ForkDataModule(L.LightningDataModule):
         else:
             records, report = load_records(
                 path, fields=self.fields, layout=self.hparams.layout, on_bad_record=self.hparams.on_bad_record,
-                questions_only=split == "predict",
+                questions_only=split == "predict", think=self.think,
             )
         self.validation.setdefault(split, SplitValidation()).skipped.update(report.skip_reasons)
         for message in report.skipped:

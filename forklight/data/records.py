@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from forklight.data.layouts import ThinkMarkup
 from forklight.errors import ConfigError, UserError
 
 
@@ -55,6 +56,14 @@ class FieldNames:
     trace: str = "trace"  # flat layout: one trace per row
     text: str = "text"  # inside a trace object
     source: str = "source"  # inside a trace object, or a column in the flat layout
+    # columns layout (s1K-1.1): one column per trace, the column's name is its source
+    trace_columns: list[str] | None = None
+    attempt_columns: list[str] | None = None  # final answers beside trace_columns (s1K's *_attempt), after the reasoning
+    # per-trace keep flags: grouped layout, list columns beside `traces` (OpenR1's correctness_math_verify,
+    # is_reasoning_complete); columns layout, one column per trace column (s1K's *_grade). A trace is kept when all are true.
+    keep_columns: list[str] | None = None
+    finish_reasons: str | None = None  # grouped layout: list column of finish reasons; not "stop" = incomplete (OpenR1)
+    system: str = "system"  # chat layout: a system message column put first (OpenThoughts)
 
 
 class RecordError(UserError, ValueError):
@@ -82,6 +91,10 @@ class LoadReport:
     questions: int = 0  # records returned
     skipped: list[str] = field(default_factory=list)  # one full error message per skipped row
     skip_reasons: Counter[str] = field(default_factory=Counter)  # RecordError.reason -> rows skipped
+    traces_read: Counter[str] = field(default_factory=Counter)  # source ("-": none) -> traces read
+    # (reason, source) -> traces left out by the data's own flags or markup: a keep flag false (its column's name),
+    # "incomplete" (a finish reason other than stop, or a think block never closed when data.think needs it)
+    dropped_traces: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def summary(self) -> str:
         """One line for the log, e.g. ``"train.jsonl: 120 rows -> 30 questions, 2 skipped"``."""
@@ -91,7 +104,7 @@ class LoadReport:
 
 def load_records(
     path: str, *, fields: FieldNames | None = None, layout: str = "auto", on_bad_record: str = "error",
-    split: str = "train", questions_only: bool = False,
+    split: str = "train", questions_only: bool = False, think: ThinkMarkup | None = None,
 ) -> tuple[list[QuestionRecord], LoadReport]:
     """Read and validate the questions of ``path`` (.jsonl, .json, .parquet, directory or dataset name).
 
