@@ -108,7 +108,7 @@ def test_no_questions_is_an_error_even_when_skipping(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_and_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"layout must be one of 'auto', 'grouped', 'flat', 'prompts', got 'rows'"):
+    with pytest.raises(ValueError, match=r"layout must be one of 'auto', 'grouped', 'flat', 'columns', 'chat', 'prompts', got 'rows'"):
         load_records("x.jsonl", layout="rows")
     with pytest.raises(ValueError, match=r"on_bad_record must be one of 'error', 'skip'"):
         load_records("x.jsonl", on_bad_record="ignore")
