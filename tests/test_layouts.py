@@ -157,20 +157,11 @@ def test_bad_corpus_data_gets_located_errors(tmp_path) -> None:
 
 
 # ---- each layout trains end to end -----------------------------------------------------------------------------
-LAYOUT_OVERRIDES = {
-    "s1k-columns": ["--data.init_args.layout=columns", "--data.init_args.fields.prompt=question",
-                    "--data.init_args.fields.answer=solution",
-                    "--data.init_args.fields.trace_columns=[deepseek_thinking_trajectory,gemini_thinking_trajectory]",
-                    "--data.init_args.fields.attempt_columns=[deepseek_attempt,gemini_attempt]",
-                    "--data.init_args.fields.keep_columns=[deepseek_grade,gemini_grade]"],
-    "openr1-list-flags": ["--data.init_args.fields.prompt=problem", "--data.init_args.fields.messages=null",
-                          "--data.init_args.fields.traces=generations",
-                          "--data.init_args.fields.keep_columns=[correctness_math_verify,is_reasoning_complete]",
-                          "--data.init_args.fields.finish_reasons=finish_reasons", "--data.init_args.think.part=answer"],
-    "openthoughts-from-value": ["--data.init_args.layout=chat", "--data.init_args.fields.messages=conversations",
-                                "--data.init_args.think.open=<|begin_of_thought|>",
-                                "--data.init_args.think.close=<|end_of_thought|>", "--data.init_args.think.markup=strip"],
-    "mixture-role-content": ["--data.init_args.layout=chat"],
+LAYOUT_CONFIGS = {  # the shipped data overlays (configs/data/), on the fixtures
+    "s1k-columns": ["-c", str(CONFIGS / "data" / "s1k.yaml")],
+    "openr1-list-flags": ["-c", str(CONFIGS / "data" / "openr1.yaml"), "--data.init_args.think.part=answer"],
+    "openthoughts-from-value": ["-c", str(CONFIGS / "data" / "openthoughts.yaml")],
+    "mixture-role-content": ["-c", str(CONFIGS / "data" / "chat.yaml")],
 }
 
 
@@ -179,8 +170,8 @@ LAYOUT_OVERRIDES = {
 def test_each_layout_trains_end_to_end(tmp_path, name, caplog) -> None:
     fixture = LAYOUTS[name][0]
     train = hub_dir(tmp_path, fixture) if name == "openr1-list-flags" else CORPORA / fixture / "train.jsonl"
-    main(["fit", "-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), f"--data.init_args.train={train}",
-          "--data.init_args.max_length=256", "--trainer.limit_val_batches=0", *LAYOUT_OVERRIDES[name]])
+    main(["fit", "-c", str(CONFIGS / "ssft.yaml"), *LAYOUT_CONFIGS[name], *tiny_overrides(tmp_path),
+          f"--data.init_args.train={train}", "--data.init_args.max_length=256", "--trainer.limit_val_batches=0"])
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert checkpoints, f"no checkpoint written under {tmp_path}"
     import torch
