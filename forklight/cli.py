@@ -1,5 +1,8 @@
 """``forklight fit|validate|test|predict -c configs/X.yaml``: LightningCLI with forklight's links.
 
+``forklight prepare -c configs/prepare/X.yaml``: curate a multi-trace corpus into the grouped parquet that ``fit``
+reads (``forklight.prepare``; its own parser, same ``-c`` stacking, ``--key=value`` overrides and error rule).
+
 Model and data are chosen by ``class_path`` (subclass mode), so your own LightningModule or
 DataModule plugs in; YAML may interpolate (``parser_mode="omegaconf"``) and ``-c`` stacks
 overlays; the resolved config is saved in the run directory. Checkpoints are written atomically
@@ -140,11 +143,16 @@ def main(args: list[str] | None = None, exit_on_error: bool | None = None) -> No
     """
     if exit_on_error is None:
         exit_on_error = args is None
+    command = build_cli
+    if (sys.argv[1:] if args is None else args)[:1] == ["prepare"]:  # LightningCLI has no custom subcommands
+        from forklight.prepare import prepare_cli
+
+        command, args = prepare_cli, list(sys.argv[2:] if args is None else args[1:])
     if not exit_on_error or os.environ.get("FORKLIGHT_DEBUG", "") not in ("", "0"):
-        build_cli(args)
+        command(args)
         return
     try:
-        build_cli(args)
+        command(args)
     except UserError as error:
         print(f"forklight: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
