@@ -165,7 +165,7 @@ def test_the_report_by_hand(tmp_path):
 
 @pytest.mark.slow
 def test_two_worker_processes_write_the_same_parquet_as_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_module, "CHUNK_QUESTIONS", 1)  # four chunks over two workers
+    monkeypatch.setattr("forklight.prepare.curate.CHUNK_QUESTIONS", 1)  # four chunks over two workers
     reports = [run_prepare(tmp_path, MATH_ROWS, f"--num_proc={n}", name=f"proc{n}") for n in (1, 2)]
     tables = [pq.read_table(tmp_path / f"proc{n}" / "train.parquet").replace_schema_metadata(None) for n in (1, 2)]
     assert tables[0].num_rows == 2 and tables[0].equals(tables[1])

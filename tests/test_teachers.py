@@ -1,4 +1,4 @@
-"""Sampling trace sets from teachers (forklight/teachers.py): K samples per question per teacher, named by the teacher;
+"""Sampling trace sets from teachers (forklight/teachers/): K samples per question per teacher, named by the teacher;
 truncated ones left out and counted; the same samples for the same seed, whatever the batch or the interruption; a
 run SIGKILLed mid-write resumes without sampling its finished questions again and ends as an uninterrupted run; a
 store of another protocol is refused; located config errors. The teachers are tiny transformers models whose next
@@ -221,7 +221,7 @@ def test_changed_questions_are_sampled_again_and_a_moved_teacher_is_the_same_tea
     def no_model(*args, **kwargs):
         raise AssertionError("a teacher with nothing left to sample must not be loaded")
 
-    monkeypatch.setattr(teachers, "HFSampler", no_model)
+    monkeypatch.setattr("forklight.teachers.sampling.HFSampler", no_model)  # where sample_teacher looks it up
     again, report = sample_traces(changed, sampling_of([str(moved)]), store, progress=False)
     assert (report.teachers[0].reused, report.teachers[0].generated) == (3, 0)
     assert again == second
