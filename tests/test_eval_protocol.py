@@ -81,13 +81,35 @@ def test_choice_letters_are_extracted(text, letter):
     assert extract_choice(text) == letter
 
 
+@pytest.mark.parametrize("text, letter", [
+    # \boxed{C}
+    ("\\boxed{C}", "C"), ("so $\\boxed{\\text{(E)}}$", "E"), ("\\boxed{\\textbf{J}}", "J"),
+    ("\\boxed{G) Nitrogen}", "G"), ("\\boxed{CH_4}", None),
+    # "The answer is (C)"
+    ("The answer is (C)", "C"), ("the answer is (H) because", "H"), ("The correct answer is option F.", "F"),
+    ("The final answer is $I$.", "I"), ("The answer is I think unclear", None),
+    # "**C**"
+    ("**C**", "C"), ("My pick: **(D)**", "D"), ("**B) 1/2**", "B"), ("**Because** it is", None),
+    # "Answer: C"
+    ("Answer: C", "C"), ("ANSWER: J", "J"), ("Answer: **A**", "A"), ("Answer：B", "B"), ("**Answer: E**", "E"),
+    ("Answer: C) Mitochondrion", "C"),
+    # A-J, the last of the most explicit kind, the answer after </think>
+    ("Answer: A\nwait... \\boxed{F}", "F"), ("<think>Answer: B</think>\n\nAnswer: D", "D"),
+])
+def test_choice_letters_are_extracted_from_each_answer_style_a_to_j(text, letter):
+    assert extract_choice(text) == letter
+
+
+def test_choice_letters_outside_the_options_are_ignored():
+    verifier, _ = resolve_verifier({"class_path": "choice", "init_args": {"letters": "ABCD"}})
+    assert verifier(["Answer: F", "Answer: F, no: Answer: B", "\\boxed{(c)}"], ["B", "B", "C"]) == [0.0, 1.0, 0.0]
+
+
 def test_the_choice_verifier_scores_letters_and_skips_gold_that_is_not_one():
     verifier, extract = resolve_verifier("choice")
     assert verifier(["Answer: B", "\\boxed{C}", "nothing"], ["B", "B", "A"]) == [1.0, 0.0, 0.0]
     assert verifier(["Answer: B"], ["Nitrogen"]) == [None]
     assert extract("**D**") == "D"
-    with pytest.raises(ValueError, match=r"model.verifier='code': sandboxed code execution is not built yet"):
-        resolve_verifier("code")
 
 
 # ---- protocol and metrics ----------------------------------------------------------------------------------------------
@@ -204,13 +226,30 @@ def test_forklight_test_on_a_benchmark_writes_results_and_resumes(tmp_path, monk
         build_cli(eval_args(tmp_path, export, output, "--model.init_args.eval_temperature=0.3"))
 
 
-def test_livecodebench_reads_but_says_scoring_is_not_built(tmp_path):
-    from forklight.cli import build_cli
+LCB_PROGRAM = ("Both problems at once:\n```python\nimport sys\n\nclass Solution:\n    def double(self, x: int) -> int:\n"
+               "        return 2 * x\n\nwords = sys.stdin.read().split()\nif words:\n"
+               "    print(int(words[0]) + int(words[1]))\n```")
 
-    with pytest.raises(Exception, match=r"sandboxed code execution is not built yet"):
-        build_cli(["-c", str(CONFIGS / "eval" / "livecodebench.yaml"),
-                   f"--model.init_args.init_from={tiny_export(tmp_path)}", "--model.init_args.engine=hf",
-                   f"--data.init_args.test={FIXTURES / 'livecodebench'}"], run=False)
+
+def test_livecodebench_is_scored_by_the_code_verifier_in_its_sandbox(tmp_path, monkeypatch):
+    from forklight.cli import build_cli
+    from forklight.rollout import Completion, HFEngine
+
+    def writes_the_program(self, prefixes, settings, *args, **kwargs):  # a model that solves both fixture rows
+        return [Completion(token_ids=[7], text=LCB_PROGRAM, length=1, truncated=False, stop_token=5) for _ in prefixes]
+
+    monkeypatch.setattr(HFEngine, "generate", writes_the_program)
+    output = tmp_path / "out"
+    build_cli(["test", "-c", str(CONFIGS / "eval" / "livecodebench.yaml"),
+               f"--model.init_args.init_from={tiny_export(tmp_path)}", "--model.init_args.engine=hf",
+               f"--data.init_args.test={FIXTURES / 'livecodebench'}", "--model.init_args.samples_per_question=3",
+               "--model.init_args.pass_k=[1]", "--model.init_args.max_new_tokens=4", "--trainer.accelerator=cpu",
+               "--trainer.precision=32-true", "--trainer.enable_progress_bar=false",
+               f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--model.init_args.eval_output={output}"])
+    results = json.loads((output / "results.json").read_text())
+    assert results["questions"] == 2 and results["metrics"]["pass@1"] == 1.0  # stdin and functional rows, public + private
+    samples = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and all(sample["score"] == 1.0 for sample in samples)
 
 
 # ---- inference ------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ traces: ``{id, prompt, answer}`` plus the row's other fields as columns (the ver
   the correct option's letter (the ``choice`` verifier extracts letters);
 - ``livecodebench`` (``livecodebench/code_generation_lite``, ``test``): ``question_id``, ``question_content``,
   ``starter_code``, ``public_test_cases``/``private_test_cases``, ``metadata``; the prompt is LiveCodeBench's own.
-  Scoring needs the ``code`` verifier (sandboxed execution), which is not built yet: the data reads, and an
-  evaluation with it says so.
+  the tests stay columns for the ``code`` verifier (``forklight.rewards.code``: sandboxed execution).
 
 Math prompts end with DeepSeek-R1's instruction (reason step by step, the final answer in ``\\boxed{}``), as the
 paper's evaluation does; ``data.init_args.prompt_template`` still wraps the prompt when set.

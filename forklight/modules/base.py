@@ -167,8 +167,10 @@ class ForkModule(L.LightningModule):
             fixed_tag: tag index (0-based) used by ``fork_policy: fixed``.
             predict_tags: ``forklight predict`` writes ``n_per_tag`` completions after every tag (``all``), or
                 ``n_per_tag`` per question after tags chosen by ``fork_policy`` (``policy``).
-            verifier: ``exact_integer``, ``math`` (math-verify), ``package.module:function``,
-                ``{class_path, init_args, weight}``, or a list of these (weighted sum of scores).
+            verifier: ``exact_integer``, ``math`` (math-verify), ``choice`` (option letters), ``code`` (programs run
+                against the record's tests in a sandbox), ``think_format``, ``boxed_format``, ``code_block_format``,
+                ``overlong_penalty``, ``package.module:function``, ``{class_path, init_args, weight}``, or a list of
+                these (weighted sum of scores); docs/verifiers.md.
             reward_timeout_s: seconds a verifier call may take (a user verifier runs in a worker thread);
                 a call that raises or runs past it scores 0 for its samples and is counted
                 (``rollout/reward_errors``, ``rollout/reward_timeouts``, ``val/...``). null = no limit.
