@@ -44,6 +44,16 @@ def pytest_report_collectionfinish(config, start_path, items) -> str | list[str]
     return getattr(config, "_forklight_vllm_line", [])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache_dir(tmp_path_factory):
+    """The token cache (``forklight.data.cache``) of every test, and of the CLI runs they start (they inherit
+    the environment), in a temporary dir: the tests never write into ``~/.cache``."""
+    with pytest.MonkeyPatch.context() as patch:
+        directory = tmp_path_factory.mktemp("token-cache")
+        patch.setenv("FORKLIGHT_CACHE_DIR", str(directory))
+        yield directory
+
+
 def tiny_overrides(tmp_path: Path, max_steps: int = 2) -> list[str]:
     """CLI overrides that make any toy config run in seconds inside ``tmp_path``."""
     return [

@@ -1,10 +1,11 @@
 """Serving rendered questions in batches: the dataset, the length-grouped sampler, the resumable loader.
 
-:class:`QuestionDataset` holds the questions rendered at setup and draws ``max_traces`` of a
-question's traces per epoch; :class:`LengthGroupedSampler` orders them so that a batch holds
-questions of similar length (each rank its own share under data parallelism);
-:class:`ResumableDataLoader` resumes mid-epoch from a checkpoint; :func:`collate_questions` makes
-the :class:`TraceSetBatch` every module trains on.
+:class:`QuestionDataset` holds the questions rendered at setup (in memory, or in the token cache:
+``forklight.data.cache``) and draws ``max_traces`` of a question's traces per epoch;
+:class:`LengthGroupedSampler` orders them so that a batch holds questions of similar length (each rank
+its own share under data parallelism), from their lengths alone; :class:`ResumableDataLoader` resumes
+mid-epoch from a checkpoint; :func:`collate_questions` makes the :class:`TraceSetBatch` every module
+trains on.
 """
 
 from __future__ import annotations
@@ -15,13 +16,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from forklight.data.cache import CachedQuestion
 from forklight.data.rendering import RenderedQuestion, TraceSetBatch, first_fit_decreasing
+
+Question = RenderedQuestion | CachedQuestion  # token ids in lists, or in the token cache's memory-mapped arrays
+
+
+def token_lengths(question: Question) -> tuple[int, list[int]]:
+    """Tokens of a question's prompt and of each of its traces (a cached question's from the offsets: none read)."""
+    if isinstance(question, CachedQuestion):
+        return question.prompt_length, question.trace_lengths
+    return len(question.prompt_ids), [len(trace) for trace in question.trace_ids]
 
 
 class QuestionDataset(Dataset):
-    """Rendered questions; ``max_traces`` of a question's traces are drawn per epoch when it has more."""
+    """Rendered questions; ``max_traces`` of a question's traces are drawn per epoch when it has more.
 
-    def __init__(self, questions: list[RenderedQuestion], max_traces: int | None, seed: int) -> None:
+    Items are :class:`RenderedQuestion` s: a cached question (:class:`~forklight.data.cache.CachedQuestion`) has
+    its token ids read into lists only when it is served, so a split is never held as lists whole.
+    """
+
+    def __init__(self, questions: list[Question], max_traces: int | None, seed: int) -> None:
         self.questions = questions
         self.max_traces = max_traces
         self.seed = seed
@@ -37,10 +52,11 @@ class QuestionDataset(Dataset):
             question, piece = index
             return dataclasses.replace(self[question], trained=list(piece))
         question = self.questions[index]
-        if self.max_traces is None or len(question.trace_ids) <= self.max_traces:
+        keep = self.drawn_traces(index)
+        if isinstance(question, CachedQuestion):
+            return question.rendered(keep)
+        if keep is None:
             return question
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        keep = sorted(rng.choice(len(question.trace_ids), size=self.max_traces, replace=False).tolist())
         return RenderedQuestion(
             id=question.id,
             prompt_ids=question.prompt_ids,
@@ -50,6 +66,21 @@ class QuestionDataset(Dataset):
             columns=question.columns,
             location=question.location,
         )
+
+    def drawn_traces(self, index: int) -> list[int] | None:
+        """The traces of question ``index`` drawn this epoch, in order; None: all (it has at most ``max_traces``)."""
+        question = self.questions[index]
+        count = len(question.sources) if isinstance(question, CachedQuestion) else len(question.trace_ids)
+        if self.max_traces is None or count <= self.max_traces:
+            return None
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        return sorted(rng.choice(count, size=self.max_traces, replace=False).tolist())
+
+    def drawn_lengths(self, index: int) -> tuple[int, list[int]]:
+        """Tokens of question ``index``'s prompt and of each trace drawn this epoch (what ``self[index]`` holds)."""
+        prompt, traces = token_lengths(self.questions[index])
+        keep = self.drawn_traces(index)
+        return prompt, traces if keep is None else [traces[j] for j in keep]
 
 
 class LengthGroupedSampler(DistributedSampler):
@@ -73,7 +104,7 @@ class LengthGroupedSampler(DistributedSampler):
                  num_replicas: int = 1, rank: int = 0, max_tokens: int | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.dataset = dataset
-        self.lengths = [len(q.prompt_ids) + sum(len(t) for t in q.trace_ids) for q in dataset.questions]
+        self.lengths = [prompt + sum(traces) for prompt, traces in map(token_lengths, dataset.questions)]
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.window = batch_size * num_replicas * window_batches
@@ -102,11 +133,10 @@ class LengthGroupedSampler(DistributedSampler):
         """This rank's batches of the epoch under ``max_tokens``: its share of each global batch. A question longer
         than ``max_tokens`` is split into pieces of its traces (:func:`trace_pieces`), items ``(index, traces)``:
         each piece's batch matches the whole question and trains the piece's traces."""
-        questions = [self.dataset[i] for i in range(len(self.lengths))]  # this epoch's traces (max_traces drawn)
         items: list[int | tuple[int, tuple[int, ...]]] = []
         lengths: dict = {}
         for index in self.grouped_order():
-            prompt, traces = len(questions[index].prompt_ids), [len(t) for t in questions[index].trace_ids]
+            prompt, traces = self.dataset.drawn_lengths(index)  # this epoch's traces (max_traces drawn)
             if prompt + sum(traces) <= self.max_tokens or len(traces) == 1:
                 items.append(index)
                 lengths[index] = prompt + sum(traces)

@@ -2,14 +2,15 @@
 
 Reads records (files, a ``datasets`` name/dir, or the embedded toy task), validates every record
 at setup (and the gold answers, with the parser the model hands to :meth:`ForkDataModule.check_gold_answers`),
-renders and tokenises them once, and serves :class:`TraceSetBatch` batches: whole
+renders and tokenises them once (into the token cache, ``forklight.data.cache``: built in ``prepare_data`` on
+the first run, memory-mapped by every rank after), and serves :class:`TraceSetBatch` batches: whole
 questions with their trace sets, so SSFT can match a question's traces to tags and RL modules
 can use the prompts and answers. Questions of similar length are batched together (dynamic
 padding happens when the module assembles rows).
 
 This file holds the configuration (the constructor), the reading of splits and the loaders; the
-checks and counts at setup are in ``forklight.data.validation``, the dataset, sampler and
-collation in ``forklight.data.batching``."""
+checks and counts at setup are in ``forklight.data.validation``, the token cache in ``forklight.data.cache``,
+the dataset, sampler and collation in ``forklight.data.batching``."""
 
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ from torch.utils.data import DataLoader
 from forklight.data.benchmarks import BENCHMARKS, load_benchmark
 from forklight.data.layouts import ThinkMarkup
 from forklight.data.batching import LengthGroupedSampler, QuestionDataset, ResumableDataLoader, collate_questions
+from forklight.data.cache import CacheEntry, build_entry, open_entry
+from forklight.data.cache_key import KEY_OPTIONS, entry_directory, entry_identity, resolve_cache_dir
 from forklight.data.records import LAYOUTS, ON_BAD_RECORD, FieldNames, QuestionRecord, load_records
 from forklight.data.rendering import TOY_TOKENIZER, RenderedQuestion, load_tokenizer
 from forklight.data.validation import (
     OVERLONG,
+    RenderOptions,
     SplitValidation,
     check_gold_answers,
     format_counts,
@@ -84,6 +88,7 @@ class ForkDataModule(L.LightningDataModule):
         eval_batch_size: int = 64,
         num_workers: int = 0,
         num_proc: int = 1,
+        cache: bool = True,
         cache_dir: str | None = None,
         seed: int = 0,
         trust_remote_code: bool = False,
@@ -131,8 +136,14 @@ class ForkDataModule(L.LightningDataModule):
                 only sets the length-grouping window. The loss stays the token mean over the whole optimiser step.
             eval_batch_size: questions per validation/test batch.
             num_workers: DataLoader worker processes.
-            num_proc: processes that tokenise the data when the token cache is built.
-            cache_dir: where rendered token ids are cached per split (see :mod:`forklight.data.cache`).
+            num_proc: worker processes that render and tokenise the data when the token cache entry is built
+                (1: in this process); each takes chunks of records and batch-encodes them.
+            cache: tokenise once: the first run writes the rendered token ids of every split to a cache entry,
+                keyed by the data's content, the tokenizer and the options above that change the ids; every
+                later run and every rank memory-maps it (``docs/token-cache.md``). The toy task is cached too.
+                ``false``: read and tokenise everything at every setup, on every rank.
+            cache_dir: the token cache's directory (may be shared by nodes); null: ``$FORKLIGHT_CACHE_DIR`` if set,
+                else ``~/.cache/forklight/tokens``.
             seed: seed of the splits, the shuffling and the trace sampling.
             trust_remote_code: allow a tokenizer's own code (off unless the model asks for it).
         """
@@ -174,6 +185,7 @@ class ForkDataModule(L.LightningDataModule):
         self.datasets: dict[str, QuestionDataset] = {}
         # What validation did, per split: printed at setup, completed by check_gold_answers.
         self.validation: dict[str, SplitValidation] = {}
+        self._prepared: CacheEntry | None = None  # the token cache entry prepare_data opened or built, for setup
 
     def follow_init_from(self, tokenizer: str, num_fork_tokens: int) -> None:
         """The model's tokenizer and N when its ``init_from`` fixed them (a config's ``tokenizer`` or
@@ -198,7 +210,12 @@ class ForkDataModule(L.LightningDataModule):
                 path, fields=self.fields, layout=self.hparams.layout, on_bad_record=self.hparams.on_bad_record,
                 questions_only=split == "predict", think=self.think,
             )
-        self.validation.setdefault(split, SplitValidation()).skipped.update(report.skip_reasons)
+        validation = self.validation.setdefault(split, SplitValidation())
+        validation.skipped.update(report.skip_reasons)
+        if report.emptied:  # every trace left out by the data's flags or data.think: counted, not a bad record
+            validation.skipped["no_kept_traces"] += report.emptied
+        for (reason, _), count in report.dropped_traces.items():
+            validation.left_out[reason] += count
         for message in report.skipped:
             log.warning("skipped bad record: %s", message)
         return records
@@ -249,28 +266,68 @@ class ForkDataModule(L.LightningDataModule):
                 splits[name] = []
         return splits
 
+    def prepare_data(self) -> None:
+        """Lightning's hook, run on each node's local rank 0 before any rank's :meth:`setup` (the others wait):
+        builds this configuration's token cache entry if there is none, so every rank then memory-maps it."""
+        if self.hparams.get("cache", True) and not self.datasets:
+            self._prepared = self._cache_entry()
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer, self.hparams.trust_remote_code)
-        for split, records in self._read_splits().items():
+        if self.hparams.get("cache", True):  # the token cache (forklight.data.cache): built once, memory-mapped
+            prepared, self._prepared = self._prepared, None
+            entry = prepared or self._cache_entry()
+            if not entry.built:
+                entry.replay_warnings()  # what the build warned about, as a fresh run would
+            elif prepared is None and self.trainer is not None and self.trainer.world_size > 1:
+                log.warning("rank %d built the token cache entry itself (%s): prepare_data on its node's local rank "
+                            "0 did not; give every node a data.init_args.cache_dir they share, or keep Lightning's "
+                            "prepare_data_per_node=True", self.trainer.global_rank, entry.directory)
+            self.validation.clear()
+            self.validation.update({split: cached.validation for split, cached in entry.splits.items()})
+            splits = {split: cached.questions for split, cached in entry.splits.items()}
+            rank_zero_info(f"forklight token cache: {'built' if entry.built else 're-used'} {entry.directory} "
+                           f"({entry.describe()})")
+        else:
+            splits = {split: self._render(records, split) for split, records in self._read_splits().items()}
+        for split, questions in splits.items():
             max_traces = self.max_traces if split == "train" else None  # evaluation keeps every trace
-            self.datasets[split] = QuestionDataset(self._render(records, split), max_traces, self.hparams.seed)
+            self.datasets[split] = QuestionDataset(questions, max_traces, self.hparams.seed)
         if not self.datasets["train"].questions and stage in (None, "fit"):
             raise ConfigError("no training questions left after validation; check the data, data.on_bad_record "
                               "and data.overlong")
         rank_zero_info(self.validation_summary())
 
+    # ---- the token cache (forklight.data.cache) -----------------------------------------
+    def _cache_entry(self) -> CacheEntry:
+        """This configuration's token cache entry: opened, or built (read, rendered, written) if there is none."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer, self.hparams.trust_remote_code)
+        cache_dir, origin = resolve_cache_dir(self.hparams.get("cache_dir"))
+        options = {name: self.hparams.get(name) for name in KEY_OPTIONS}
+        options |= {"toy": self.toy, "fields": self.fields, "think": self.think, "max_traces": self.max_traces}
+        identity = entry_identity(options, self.tokenizer, cache_dir)
+        directory = entry_directory(cache_dir, identity)
+        entry = open_entry(directory)
+        if entry is None:
+            self.validation.clear()  # the build's reading and rendering count into it afresh
+            entry = build_entry(directory, self._read_splits, self.validation, self.tokenizer, self._render_options(),
+                                self.hparams.get("num_proc", 1), identity, origin)
+        return entry
+
     # ---- validation (forklight.data.validation) -----------------------------------------
-    def _render(self, records: list[QuestionRecord], split: str) -> list[RenderedQuestion]:
+    def _render_options(self) -> RenderOptions:
         hp = self.hparams
-        return render_questions(
-            records, self.tokenizer, split, self.validation.setdefault(split, SplitValidation()),
-            prompt_template=hp.prompt_template, system_prompt=hp.system_prompt, end_token=hp.end_token,
-            max_length=hp.max_length, overlong=hp.overlong, min_traces=hp.min_traces, max_traces=self.max_traces,
-            on_bad_record=hp.on_bad_record,
-        )
+        return RenderOptions(prompt_template=hp.prompt_template, system_prompt=hp.system_prompt,
+                             end_token=hp.end_token, max_length=hp.max_length, overlong=hp.overlong,
+                             min_traces=hp.min_traces, max_traces=self.max_traces, on_bad_record=hp.on_bad_record)
+
+    def _render(self, records: list[QuestionRecord], split: str) -> list[RenderedQuestion]:
+        validation = self.validation.setdefault(split, SplitValidation())
+        return render_questions(records, self.tokenizer, split, validation, self._render_options())
 
     def validation_summary(self) -> str:
         """What setup's validation kept, skipped (per reason), truncated and sampled, per split."""
