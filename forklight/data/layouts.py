@@ -22,7 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from forklight.data.records import FieldNames, LoadReport, QuestionRecord, Row, Trace, bad_row, question_fields, show
+from forklight.data.records import (
+    FieldNames, LoadReport, QuestionRecord, Row, Trace, add_question, bad_row, question_fields, show,
+)
 from forklight.errors import ConfigError
 
 THINK_MARKUP = ("keep", "strip")
@@ -224,15 +226,8 @@ def add_columns_row(loc: str, row: Row, f: FieldNames, think: ThinkMarkup, repor
     is counted in ``report.emptied``."""
     prompt, messages, answer, qid = question_fields(loc, row, f)
     traces = keep_traces(loc, column_candidates(loc, row, f, think), think, report)
-    qid = qid if qid is not None else loc
-    if qid in groups:
-        raise bad_row(loc, f"duplicate id '{qid}' (first used at {groups[qid].location})",
-                      "give every question a unique id, or merge the two questions", "duplicate_id")
-    if not traces:
-        report.emptied += 1
-        return
     columns = {k: v for k, v in row.items() if k not in used_columns(f)}
-    groups[qid] = QuestionRecord(qid, prompt, messages, answer, traces, loc, columns)
+    add_question(QuestionRecord(qid, prompt, messages, answer, traces, loc, columns), groups, report)
 
 
 # ---- chat: a conversation per row (OpenThoughts: from/value; SFT sets: role/content) ---------------

@@ -362,16 +362,23 @@ def _add_grouped(loc: str, row: Row, f: FieldNames, think: ThinkMarkup, report: 
                           f"string '{f.text}', got {show(item)}", "fix or remove this trace")
         source = item.get(f.source) if isinstance(item, dict) else None
         candidates.append((text, _source(loc, source, f"{f.traces}[{i}].{f.source}"), reason))
-    traces = keep_traces(loc, candidates, think, report)
-    qid = qid if qid is not None else loc
+    columns = {k: v for k, v in row.items() if k not in used_columns(f) - {f.trace, f.source, f.system}}
+    record = QuestionRecord(qid, prompt, messages, answer, keep_traces(loc, candidates, think, report), loc, columns)
+    add_question(record, groups, report)
+
+
+def add_question(record: QuestionRecord, groups: dict[Any, QuestionRecord], report: LoadReport) -> None:
+    """A whole question (a grouped or columns row) into ``groups``, keyed by its id (its location when it has none);
+    one left without traces by its flags or ``data.think`` is counted in ``report.emptied`` instead."""
+    qid = record.id if record.id is not None else record.location
     if qid in groups:
-        raise bad_row(loc, f"duplicate id '{qid}' (first used at {groups[qid].location})",
+        raise bad_row(record.location, f"duplicate id '{qid}' (first used at {groups[qid].location})",
                       "give every question a unique id, or merge the two questions", "duplicate_id")
-    if not traces:
+    if not record.traces:
         report.emptied += 1
         return
-    columns = {k: v for k, v in row.items() if k not in used_columns(f) - {f.trace, f.source, f.system}}
-    groups[qid] = QuestionRecord(qid, prompt, messages, answer, traces, loc, columns)
+    record.id = qid
+    groups[qid] = record
 
 
 def _add_prompt(loc: str, row: Row, f: FieldNames, groups: dict[Any, QuestionRecord]) -> None:
