@@ -11,7 +11,8 @@ import pytest
 
 from forklight.cli import main
 from forklight.data.layouts import ThinkMarkup, apply_think, final_answer, split_think
-from forklight.data.records import FieldNames, RecordError, load_records
+from forklight.data.loading import load_records
+from forklight.data.records import FieldNames, RecordError
 from forklight.errors import ConfigError
 from tests.conftest import CONFIGS, REPO, tiny_overrides, write_jsonl
 

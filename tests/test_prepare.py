@@ -18,7 +18,8 @@ import yaml
 
 from forklight import prepare as prepare_module
 from forklight.cli import build_cli, main
-from forklight.data.records import Trace, load_records
+from forklight.data.loading import load_records
+from forklight.data.records import Trace
 from forklight.errors import ConfigError, UserError
 from forklight.prepare import PrepareConfig, drop_duplicates, jaccard, select_traces, shingles
 from tests.conftest import CONFIGS, REPO, tiny_overrides, write_jsonl

@@ -8,15 +8,8 @@ from typing import Any
 
 import pytest
 
-from forklight.data.records import (
-    FieldNames,
-    LoadReport,
-    QuestionRecord,
-    RecordError,
-    Trace,
-    load_records,
-    parse_record_rows,
-)
+from forklight.data.loading import load_records, parse_record_rows
+from forklight.data.records import FieldNames, LoadReport, QuestionRecord, RecordError, Trace
 from tests.conftest import GROUPED_ROW, grouped_row, write_jsonl
 
 FLAT = {"id": "q0", "prompt": "1+1?", "answer": "2", "trace": "one plus one is 2"}

@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from forklight.data.records import FieldNames, LoadReport, QuestionRecord, RecordError, Row, parse_record_rows, read_rows
+from forklight.data.loading import parse_record_rows
+from forklight.data.records import FieldNames, LoadReport, QuestionRecord, RecordError, Row, read_rows
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_TEMPLATE = (  # lighteval's gpqa:diamond (instruct) prompt

@@ -31,7 +31,7 @@ SERVING_OPTIONS = ("batch_size", "max_tokens_per_batch", "eval_batch_size", "num
                    "cache_dir", "trust_remote_code")
 DATA_SOURCES = ("train", "val", "test", "predict")
 # Modules whose code decides the rendered ids (reading, layouts, benchmarks, the toy task, rendering, validation).
-RENDERING_MODULES = ("records", "layouts", "benchmarks", "toy", "rendering", "validation", "datamodule", "cache",
+RENDERING_MODULES = ("records", "loading", "layouts", "benchmarks", "toy", "rendering", "validation", "datamodule", "cache",
                      "cache_key")
 
 

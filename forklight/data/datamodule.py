@@ -28,7 +28,8 @@ from forklight.data.layouts import ThinkMarkup
 from forklight.data.batching import LengthGroupedSampler, QuestionDataset, ResumableDataLoader, collate_questions
 from forklight.data.cache import CacheEntry, build_entry, open_entry
 from forklight.data.cache_key import KEY_OPTIONS, entry_directory, entry_identity, resolve_cache_dir
-from forklight.data.records import LAYOUTS, ON_BAD_RECORD, FieldNames, QuestionRecord, load_records
+from forklight.data.loading import load_records
+from forklight.data.records import LAYOUTS, ON_BAD_RECORD, FieldNames, QuestionRecord
 from forklight.data.rendering import TOY_TOKENIZER, RenderedQuestion, load_tokenizer
 from forklight.data.validation import (
     OVERLONG,

@@ -18,12 +18,11 @@ final answer after it, or both.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from forklight.data.records import (
-    FieldNames, LoadReport, QuestionRecord, Row, Trace, add_question, bad_row, question_fields, show,
+    FieldNames, LoadReport, QuestionRecord, Row, Trace, add_question, bad_row, merge_trace, question_fields, show,
 )
 from forklight.errors import ConfigError
 
@@ -273,9 +272,9 @@ def conversation(loc: str, row: Row, f: FieldNames) -> tuple[list[dict[str, str]
 
 
 def add_chat_row(loc: str, row: Row, f: FieldNames, think: ThinkMarkup, report: LoadReport,
-                 groups: dict[Any, QuestionRecord], merge: Callable) -> None:
-    """One conversation (one trace) merged into its question in ``groups`` by ``merge`` (grouped by id, else by the
-    question's turns, as the flat layout groups)."""
+                 groups: dict[Any, QuestionRecord]) -> None:
+    """One conversation (one trace) merged into its question in ``groups`` (grouped by id, else by the question's
+    turns, as the flat layout groups)."""
     messages, text = conversation(loc, row, f)
     qid, answer = row.get(f.id), row.get(f.answer)
     probe = {f.messages: messages, **({f.id: qid} if qid is not None else {}),
@@ -290,4 +289,4 @@ def add_chat_row(loc: str, row: Row, f: FieldNames, think: ThinkMarkup, report: 
         report.dropped_keys.add(key)
         return
     columns = {k: v for k, v in row.items() if k not in used_columns(f)}
-    merge(loc, key, qid, None, messages, answer, traces[0], columns, groups)
+    merge_trace(loc, key, qid, None, messages, answer, traces[0], columns, groups)

@@ -10,7 +10,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 
-from forklight.data.records import QuestionRecord, load_records
+from forklight.data.loading import load_records
+from forklight.data.records import QuestionRecord
 from forklight.errors import ConfigError, UserError
 from forklight.prepare.config import PrepareConfig
 from forklight.prepare.curate import build_tokenizer, build_verifier, curate_all, source_name
