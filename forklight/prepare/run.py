@@ -125,7 +125,8 @@ def prepare_cli(args: list[str] | None = None) -> PrepareReport:
     parser = prepare_parser()
     values = parser.parse_args(args)
     try:
-        built = parser.instantiate(values)
+        # jsonargparse >= 4.42 names it instantiate; 4.41 (the lowest supported) instantiate_classes
+        built = (getattr(parser, "instantiate", None) or parser.instantiate_classes)(values)
     except ConfigError as error:  # data.think's own check names data.think.*: here it is think.*
         raise ConfigError(re.sub(r"\bdata\.(init_args\.)?(?=think|fields|layout|on_bad_record)", "", str(error))) from error
     options = {key: getattr(built, key) for key in PrepareConfig.__dataclass_fields__}
