@@ -8,6 +8,11 @@ in the system temp dir; where that is another filesystem (tmpfs ``/tmp``, a clus
 the final move is a copy into the target path, and a kill during it truncates the checkpoint.
 The forklight CLI installs ``AtomicCheckpointIO`` on every strategy that uses the plain
 ``TorchCheckpointIO``; with the Trainer API pass ``plugins=[AtomicCheckpointIO()]``.
+
+It also reads a sharded checkpoint directory (what FSDP2 runs save: DCP shards plus ``meta.pt``)
+where a strategy that does not shard asks for a checkpoint (``forklight test --ckpt_path <dir>``
+on one device): the weights consolidated in memory (:func:`load_sharded_as_whole`), without the
+sharded optimiser state, so ``fit`` cannot resume from it there (the CLI says what to do instead).
 """
 
 from __future__ import annotations
@@ -17,13 +22,47 @@ import glob
 import os
 import re
 import tempfile
+import warnings
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
+SHARDED_METADATA = "meta.pt"  # Lightning's: everything of a sharded checkpoint but its weights and optimiser state
+
+
+def is_sharded_checkpoint(path) -> bool:
+    """Whether ``path`` is a sharded (DCP) checkpoint directory (``meta.pt`` next to the shards)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, SHARDED_METADATA))
+
+
+def load_sharded_as_whole(path, weights_only: bool | None = None) -> dict[str, Any]:
+    """A sharded checkpoint directory as a whole Lightning checkpoint: ``meta.pt`` plus ``state_dict`` (every
+    weight read whole by this process), without ``optimizer_states`` (they stay sharded)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    checkpoint = torch.load(os.path.join(path, SHARDED_METADATA), weights_only=weights_only, map_location="cpu")
+    stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    weights = {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in stored.items()
+               if key.startswith("state_dict.") and isinstance(item, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(weights, checkpoint_id=path, no_dist=True)
+    checkpoint["state_dict"] = {key[len("state_dict."):]: value for key, value in weights.items()}
+    return checkpoint
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        if is_sharded_checkpoint(path):
+            return load_sharded_as_whole(path, weights_only)
+        if map_location is None:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        return super().load_checkpoint(path, map_location, weights_only)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = os.fspath(path)
         if storage_options is not None or "://" in path:  # remote storage: fsspec's transaction as before

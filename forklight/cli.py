@@ -108,6 +108,11 @@ class ForkLightningCLI(LightningCLI):
             self._resolve_last_checkpoint(subcommand)
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_dir():  # sharded (FSDP2, FSDP): its meta.pt holds all but the weights
+            if subcommand == "fit" and not shards(self.config[subcommand]["trainer"].get("strategy")):
+                raise ConfigError(
+                    f"--ckpt_path={ckpt_path} is a sharded checkpoint, whose optimiser state only a sharded strategy "
+                    "restores: resume with the overlay that wrote it (-c configs/strategies/fsdp2.yaml), or start a new "
+                    f"run from its weights with --model.init_args.init_from={ckpt_path}")
             ckpt_path = str(Path(ckpt_path) / "meta.pt")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
@@ -118,6 +123,12 @@ class ForkLightningCLI(LightningCLI):
         if identity and getattr(model, "class_path", None):
             update = {subcommand: {"model": {"class_path": model.class_path, "init_args": identity}}}
             self.config = self.parser.parse_object(update, self.config)
+
+
+def shards(strategy) -> bool:
+    """Whether ``trainer.strategy`` (a name or a ``class_path`` config) shards the model (FSDP2, FSDP)."""
+    name = str(getattr(strategy, "class_path", strategy) or "")
+    return "ModelParallel" in name or "FSDP" in name or name.lower().startswith("fsdp")
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> ForkLightningCLI:

@@ -49,28 +49,35 @@ def add_fork_tokens(tokenizer, names: list[str]) -> tuple[list[int], list[int]]:
 
 @torch.no_grad()
 def init_fork_embeddings(model, fork_token_ids: list[int], num_old_tokens: int, seed: int, noise_std: float) -> None:
-    """Resize ``model`` to cover ``fork_token_ids`` and initialise their rows (mean + noise).
+    """Resize ``model`` to cover ``fork_token_ids`` and initialise their rows (mean + noise, :func:`fork_token_rows`).
 
-    The mean is over the first ``num_old_tokens`` rows (the tokenizer's vocabulary before the
-    fork tokens); ``noise_std`` is relative to the rows' standard deviation. Other rows are
-    left as they are. Input and output embeddings are
-    initialised independently unless they are tied (then the shared matrix once).
+    Other rows are left as they are. Input and output embeddings are initialised independently
+    (the input's rows first, from one generator) unless they are tied (then the shared matrix once).
     """
     needed = max(fork_token_ids) + 1
     if model.get_input_embeddings().weight.shape[0] < needed:
         model.resize_token_embeddings(needed, mean_resizing=False)
     generator = torch.Generator().manual_seed(seed)
-    index = torch.tensor(fork_token_ids)
     matrices = [model.get_input_embeddings().weight]
     output = model.get_output_embeddings()
     if output is not None and output.weight.data_ptr() != matrices[0].data_ptr():
         matrices.append(output.weight)
     for weight in matrices:
-        old_rows = weight[:num_old_tokens].float()  # [V_old, D]
-        mean = old_rows.mean(dim=0)  # [D]
-        scale = noise_std * old_rows.std(dim=0).mean().clamp_min(1e-6)
-        noise = torch.randn(len(fork_token_ids), weight.shape[1], generator=generator) * scale  # [N, D]
-        weight[index] = (mean.unsqueeze(0) + noise).to(weight.dtype)
+        weight[torch.tensor(fork_token_ids)] = fork_token_rows(weight, len(fork_token_ids), num_old_tokens, generator, noise_std)
+
+
+@torch.no_grad()
+def fork_token_rows(weight: torch.Tensor, num_rows: int, num_old_tokens: int, generator: torch.Generator,
+                    noise_std: float) -> torch.Tensor:
+    """New fork-token rows [N, D] of an embedding or output matrix ``weight`` [V, D], in its dtype: the mean of its
+    first ``num_old_tokens`` rows (the tokenizer's vocabulary before the fork tokens) plus noise drawn from
+    ``generator``, ``noise_std`` relative to the rows' standard deviation. A model built whole and a sharded one
+    filled tensor by tensor (:mod:`forklight.sharded_weights`) both call it, so their rows are the same."""
+    old_rows = weight[:num_old_tokens].float()  # [V_old, D]
+    mean = old_rows.mean(dim=0)  # [D]
+    scale = noise_std * old_rows.std(dim=0).mean().clamp_min(1e-6)
+    noise = torch.randn(num_rows, weight.shape[1], generator=generator) * scale  # [N, D]
+    return (mean.unsqueeze(0) + noise).to(weight.dtype)
 
 
 def fork_log_policy(model, prompts, fork_token_ids: list[int], pad_id: int) -> torch.Tensor:

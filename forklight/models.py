@@ -2,7 +2,9 @@
 weights learn.
 
 - :func:`build_causal_lm`: a pretrained Hugging Face model (hub id, local dir, a forklight export,
-  or a GGUF file, dequantised to a plain model), or a fresh one built from a config (toy, tests).
+  or a GGUF file, dequantised to a plain model), or a fresh one built from a config (toy, tests);
+  :func:`build_causal_lm_skeleton`: the same model with its parameters on the meta device (FSDP2
+  shards it, then :mod:`forklight.sharded_weights` fills each rank's shards).
 - :func:`apply_lora`: LoRA adapters (peft) on the chosen modules, with the fork tokens' embedding
   and output rows trainable as well (peft's ``trainable_token_indices``), since a new tag has no
   pretrained meaning to adapt.
@@ -12,6 +14,7 @@ weights learn.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
@@ -60,7 +63,7 @@ def build_causal_lm(
     ``model_config`` (vocabulary and special token ids taken from ``tokenizer``); ``attn_implementation``:
     transformers' attention kernel (``sdpa``, ``eager``, ``flash_attention_2``, ...; unset: its default)."""
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = DTYPES[dtype] if dtype is not None else None
     if name_or_path is not None:
@@ -78,14 +81,79 @@ def build_causal_lm(
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
         return model
+    extra = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
+    model = AutoModelForCausalLM.from_config(fresh_model_config(model_config, tokenizer), **extra)
+    return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+def fresh_model_config(model_config: dict, tokenizer):
+    """The ``AutoConfig`` of a fresh model (``model.model_config``, with ``model_type``): vocabulary and special token ids
+    from ``tokenizer`` unless given."""
+    from transformers import AutoConfig
+
     config = dict(model_config)
     model_type = config.pop("model_type", "llama")
     config.setdefault("vocab_size", len(tokenizer))
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config.setdefault(key, getattr(tokenizer, key))
+    return AutoConfig.for_model(model_type, **config)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every parameter a module registers inside moves to the meta device at once (no memory, and its
+    initialisation costs nothing); buffers stay real. Non-persistent buffers (rotary ``inv_freq``) are
+    computed in constructors and are in no checkpoint, so they must be. (accelerate's
+    ``init_empty_weights(include_buffers=False)``.)"""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, parameter):
+        register(module, name, parameter)
+        if parameter is not None and parameter.device.type != "meta":
+            registered = module._parameters[name]
+            module._parameters[name] = type(registered)(registered.to("meta"), requires_grad=registered.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype ``from_pretrained`` loads a checkpoint in when ``model.dtype`` is unset (transformers 5: the
+    config's ``dtype``; float32 when it has none)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def build_causal_lm_skeleton(
+    name_or_path: str | None,
+    model_config: dict | None,
+    tokenizer,
+    dtype: str | None,
+    trust_remote_code: bool,
+    attn_implementation: str | None = None,
+):
+    """The model :func:`build_causal_lm` returns (same class, config and parameter dtypes), with every parameter on
+    the meta device and real buffers (:func:`parameters_on_meta`): for FSDP2, which shards it before any rank
+    holds weights. Not for GGUF files (their config and dtype come from the dequantised weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     extra = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), **extra)
-    return model.to(torch_dtype) if torch_dtype is not None else model
+    if name_or_path is None:  # as build_causal_lm: from_config, then a cast of parameters and buffers
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(fresh_model_config(model_config, tokenizer), **extra)
+        return model.to(DTYPES[dtype]) if dtype is not None else model
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **extra)
+    torch_dtype = DTYPES[dtype] if dtype is not None else checkpoint_dtype(config)
+    for parameter in model.parameters():  # free on the meta device; buffers keep their dtype, as from_pretrained's do
+        parameter.data = parameter.data.to(torch_dtype)
+    return model
 
 
 def lora_settings(lora: dict | None) -> dict | None:
@@ -240,7 +308,8 @@ def probe_cache_reuse(model, pad_id: int) -> CacheReuse:
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def keep_master_weights(model, dtype: str | None, precision: str, learning_rate: float, sharded: bool) -> str:
+def keep_master_weights(model, dtype: str | None, precision: str, learning_rate: float, sharded: bool,
+                        sharded_mixed_precision: bool = False) -> str:
     """Keep fp32 master copies of the weights that train when ``model.dtype`` loads them in half precision.
 
     Under ``trainer.precision: bf16-mixed`` (or ``16-mixed``) the trainable weights become float32 (all
@@ -248,7 +317,9 @@ def keep_master_weights(model, dtype: str | None, precision: str, learning_rate:
     as in every mixed-precision trainer; frozen weights stay in ``model.dtype``. A half-precision weight
     without a master copy loses every AdamW update smaller than half its spacing (bfloat16: 2^-8 of
     the weight; at learning rate 1e-5 most updates), so the other precisions only warn. Returns what
-    was done (``"fp32 masters"``, ``"warned"`` or ``""``).
+    was done (``"fp32 masters"``, ``"warned"`` or ``""``). ``sharded_mixed_precision``: FSDP2 computes in half
+    precision itself (``trainer.strategy.init_args.param_dtype``, ``trainer.precision: 32-true``), so every weight
+    becomes a float32 master shard.
     """
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -257,6 +328,11 @@ def keep_master_weights(model, dtype: str | None, precision: str, learning_rate:
     half = pure_half or any(p.dtype in HALF_DTYPES for p in trainable)
     if not trainable or not half:
         return ""
+    if sharded_mixed_precision:
+        model.float()
+        rank_zero_info(f"forklight: model.dtype={dtype}: every weight is a float32 master shard; FSDP2 all-gathers and "
+                       "computes in trainer.strategy.init_args.param_dtype")
+        return "fp32 masters"
     if precision.endswith("-mixed"):
         if sharded:
             model.float()

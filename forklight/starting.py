@@ -3,6 +3,8 @@
 Resolved once (:func:`resolve_init_from`) into a :class:`StartingPoint`: the model identity it
 fixes (``IDENTITY_KEYS``: weights come from there, tokenizer, fork tokens), which the module saves
 as its hyperparameters, and the weights a checkpoint holds (:meth:`StartingPoint.load_weights`).
+A checkpoint is a Lightning ``.ckpt`` file or a sharded checkpoint directory (DCP: what FSDP2 runs
+save, one file per rank plus ``meta.pt``); under FSDP2 each rank then reads only its own slices.
 The CLI uses :func:`tokenizer_name` to give the data module the same tokenizer.
 """
 
@@ -20,14 +22,15 @@ from forklight.data.rendering import TOY_TOKENIZER
 # What a checkpoint or export fixes about the model it holds (the rest comes from the config).
 IDENTITY_KEYS = ("name_or_path", "gguf_file", "model_config", "tokenizer", "num_fork_tokens", "fork_token_format", "end_token")
 METADATA_FILE = "forklight.json"  # written by forklight.callbacks.HFExport next to the weights
+SHARDED_CHECKPOINT_FILE = "meta.pt"  # Lightning's: all but the weights and optimiser state of a sharded checkpoint
 
 
 @dataclass(frozen=True)
 class StartingPoint:
     """A resolved ``model.init_from``."""
 
-    path: str  # the export dir or .ckpt (a glob's newest match); saved, so a resume finds the same one
-    kind: str  # "export" or "checkpoint"
+    path: str  # the export dir, .ckpt or sharded checkpoint dir (a glob's newest match); saved, so a resume finds it
+    kind: str  # "export", "checkpoint" (a .ckpt file) or "sharded" (a DCP checkpoint directory)
     identity: dict  # what it fixes about the model: the IDENTITY_KEYS it has
     metadata: dict = field(default_factory=dict)  # an export's forklight.json ({} for a checkpoint)
 
@@ -52,23 +55,40 @@ class StartingPoint:
     def load_weights(self, module: torch.nn.Module) -> None:
         """Into ``module``: a checkpoint's model weights and tag coverage (a resume then loads over them).
         An export's weights are loaded when its model is built (``name_or_path``); nothing to do here."""
+        if self.kind == "sharded":
+            from forklight.sharded_weights import load_sharded_checkpoint
+
+            dtype = next(module.model.parameters()).dtype  # the dtype the model was built in, as for a .ckpt
+            load_sharded_checkpoint(module.model, self.path, dtype, extra={"tag_coverage": module.tag_coverage})
+            return
         if self.kind != "checkpoint":
             return
-        state = torch.load(self.path, weights_only=True, map_location="cpu", mmap=True)["state_dict"]
+        state = self.checkpoint_state()
         wanted = {key: value for key, value in state.items() if key.startswith("model.") or key == "tag_coverage"}
         missing = [key for key in module.state_dict() if key.startswith("model.") and key not in wanted]
-        if any("lora_" in key for key in wanted):
-            raise ValueError(f"model.init_from={self.path} is a checkpoint of a LoRA run; start from its export "
-                             "(merged weights: runs/<name>/version_<k>/export) instead")
         if missing:
             raise ValueError(f"model.init_from={self.path} lacks {len(missing)} model weights (e.g. {missing[:3]}); "
                              "is it a checkpoint of this model?")
         module.load_state_dict(wanted, strict=False)
 
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """A ``.ckpt``'s ``state_dict`` (memory-mapped: tensors are read when used), refusing a LoRA run's."""
+        state = torch.load(self.path, weights_only=True, map_location="cpu", mmap=True)["state_dict"]
+        if any("lora_" in key for key in state):
+            raise ValueError(f"model.init_from={self.path} is a checkpoint of a LoRA run; start from its export "
+                             "(merged weights: runs/<name>/version_<k>/export) instead")
+        return state
+
+    def load_tag_coverage(self, module: torch.nn.Module) -> None:
+        """Only the tag coverage of a ``.ckpt`` (its weights fill a sharded model elsewhere)."""
+        if self.kind == "checkpoint":
+            module.tag_coverage.copy_(self.checkpoint_state()["tag_coverage"])
+
 
 def resolve_init_from(init_from: str) -> StartingPoint:
     """Where a run starts. ``init_from`` is an HF export dir (with ``forklight.json``), a Lightning
-    ``.ckpt``, or a glob of either (the newest match wins, e.g. ``runs/ssft/version_*/export``).
+    ``.ckpt``, a sharded checkpoint dir (with ``meta.pt``), or a glob of any of them (the newest match
+    wins, e.g. ``runs/ssft/version_*/export`` or ``runs/ssft/version_*/checkpoints/last.ckpt``).
     """
     path = init_from
     if any(char in init_from for char in "*?["):
@@ -79,10 +99,15 @@ def resolve_init_from(init_from: str) -> StartingPoint:
                 "(e.g. forklight fit -c configs/ssft.yaml) or point init_from at its export or checkpoint"
             )
         path = matches[-1]
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, SHARDED_CHECKPOINT_FILE)):
+        saved = torch.load(os.path.join(path, SHARDED_CHECKPOINT_FILE), weights_only=True, map_location="cpu")
+        identity = saved.get("hyper_parameters", {})
+        return StartingPoint(path, "sharded", {key: identity[key] for key in IDENTITY_KEYS if key in identity})
     if os.path.isdir(path):
         metadata_file = os.path.join(path, METADATA_FILE)
         if not os.path.isfile(metadata_file):
-            raise FileNotFoundError(f"model.init_from={path!r} is a directory without {METADATA_FILE}: not a forklight export")
+            raise FileNotFoundError(f"model.init_from={path!r} is a directory without {METADATA_FILE} (a forklight "
+                                    f"export) or {SHARDED_CHECKPOINT_FILE} (a sharded checkpoint)")
         with open(metadata_file) as handle:
             metadata = json.load(handle)
         identity = {"name_or_path": path, "gguf_file": None, "tokenizer": path, "model_config": None,
@@ -91,7 +116,8 @@ def resolve_init_from(init_from: str) -> StartingPoint:
     if os.path.isfile(path):
         saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
         return StartingPoint(path, "checkpoint", {key: saved[key] for key in IDENTITY_KEYS if key in saved})
-    raise FileNotFoundError(f"model.init_from={path!r} does not exist (expected an export dir or a .ckpt file)")
+    raise FileNotFoundError(f"model.init_from={path!r} does not exist (expected an export dir, a .ckpt file or a "
+                            "sharded checkpoint dir)")
 
 
 def tokenizer_name(

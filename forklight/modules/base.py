@@ -8,7 +8,8 @@ completion is sampled. Validation, test and predict run the evaluation loop of D
 (:class:`~forklight.modules.evaluating.Evaluator`). SSFT subclasses it with its ``training_step``;
 GFPO and GRPO subclass :class:`~forklight.modules.rl.RLModule`, which holds the RL training step,
 and add how they roll out and what they optimise. Under FSDP2 (``configs/strategies/fsdp2.yaml``)
-``configure_model`` shards the model's transformer blocks (DESIGN.md §7, ``forklight/sharding.py``).
+``configure_model`` builds the model on the meta device, shards its transformer blocks and fills each
+rank's shards (DESIGN.md §7-8, ``forklight/sharding.py``, ``forklight/sharded_weights.py``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from forklight.evaluation import QuestionEvaluation
 from forklight.errors import ConfigError
 from forklight.forking import add_fork_tokens, fork_log_policy, fork_token_names, init_fork_embeddings
 from forklight.head import HEAD_MODES, HeadPath, check_chunk_tokens, labels_nll, resolve_head
-from forklight.models import (DTYPES, apply_lora, build_causal_lm, check_gguf, keep_master_weights, lora_settings,
-                              probe_packing)
+from forklight.models import (DTYPES, apply_lora, build_causal_lm, build_causal_lm_skeleton, check_gguf,
+                              keep_master_weights, lora_settings, model_source, parameters_on_meta, probe_packing)
 from forklight.modules.evaluating import Evaluator, check_evaluation_settings
 from forklight.rewards import gold_answer_parser, resolve_callable, resolve_verifier, score_batch
 from forklight.rollout import GenerationEngine, ModuleEngine, Progress, SamplingSettings, callback_progress, engine_class
 from forklight.optimisation import parameter_groups, warmup_cosine
-from forklight.sharding import shard_on_mesh
+from forklight.sharded_weights import (ForkRows, ForkRowSpec, SafetensorsReader, StateDictReader, WeightReader,
+                                       fill_from_rank0, load_sharded_checkpoint, materialize_shards, weights_directory)
+from forklight.sharding import shard_on_mesh, shard_settings
 from forklight.starting import resolve_init_from, tokenizer_name
 from forklight.vllm_engine import vllm_settings
 from forklight.vllm_server import vllm_server_settings
@@ -297,9 +300,40 @@ class ForkModule(L.LightningModule):
 
     # ---- model ---------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Build the model once (Lightning calls this before training, loading and sharding)."""
+        """Build the model once (Lightning calls this before training, loading and sharding).
+
+        Under FSDP2 with ``meta_init`` (the default, :class:`~forklight.sharding.FSDP2Strategy`) the model is built
+        on the meta device, sharded, and then each rank's shards are filled (:meth:`fill_shards`): no rank holds
+        the whole model. Otherwise it is built whole, its starting weights loaded, then sharded (if at all)."""
         if self.model is not None:
             return
+        hp = self.hparams
+        settings = shard_settings(self.trainer.strategy) if self.device_mesh is not None else None
+        gguf = model_source(hp.name_or_path, hp.get("gguf_file"))[1] is not None
+        # GGUF: dequantised whole; LoRA: refused under FSDP2 when sharding, with its own message
+        self._fills_shards = settings is not None and settings.meta_init and not gguf and self.lora is None
+        model = self.build_skeleton() if self._fills_shards else self.build_whole_model()
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        model.generation_config.eos_token_id = self.stop_ids
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning switches modes itself
+        if self.starting_point is not None and not self._fills_shards:
+            self.starting_point.load_weights(self)  # a checkpoint's weights (an export's were built above)
+        if self.lora is not None:
+            self.model = apply_lora(self.model, self.lora, self.fork_token_ids)
+        self.on_model_built()
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            keep_master_weights(self.model, hp.dtype, str(self.trainer.precision), hp.learning_rate,
+                                sharded=self.device_mesh is not None,
+                                sharded_mixed_precision=getattr(self.trainer.strategy, "master_dtype", None) is not None)
+        self._matrix_names = {name for name, p in self.named_parameters() if p.ndim >= 2}
+        self.model = self.fill_shards(self.shard(self.model))
+
+    def build_whole_model(self):
+        """The model with its starting weights (pretrained or fresh, seeded) and new fork-token rows, built whole."""
         hp = self.hparams
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)
@@ -308,34 +342,77 @@ class ForkModule(L.LightningModule):
                 hp.get("attn_implementation"))
         if self._new_fork_token_ids:
             init_fork_embeddings(model, self._new_fork_token_ids, self._vocab_before_fork_tokens, hp.seed, hp.fork_init_noise)
-        model.config.pad_token_id = self.tokenizer.pad_token_id
-        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        model.generation_config.eos_token_id = self.stop_ids
-        if hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        self.model = model.train()  # from_pretrained returns eval mode; Lightning switches modes itself
-        if self.starting_point is not None:
-            self.starting_point.load_weights(self)  # a checkpoint's weights (an export's were built above)
-        if self.lora is not None:
-            self.model = apply_lora(self.model, self.lora, self.fork_token_ids)
-        self.on_model_built()
-        if self._trainer is not None and self.trainer.state.fn == "fit":
-            keep_master_weights(self.model, hp.dtype, str(self.trainer.precision), hp.learning_rate,
-                                sharded=self.device_mesh is not None)
-        self._matrix_names = {name for name, p in self.named_parameters() if p.ndim >= 2}
-        self.model = self.shard(self.model)
+        return model
+
+    def build_skeleton(self):
+        """:meth:`build_whole_model`'s model with every parameter on the meta device (no weights yet; real buffers),
+        resized for the new fork tokens as that one is."""
+        hp = self.hparams
+        model = build_causal_lm_skeleton(hp.name_or_path, hp.model_config, self.tokenizer, hp.dtype, hp.trust_remote_code,
+                                         hp.get("attn_implementation"))
+        self._load_dtype = next(model.parameters()).dtype  # the dtype a whole build loads the weights in
+        needed = max(self.fork_token_ids) + 1
+        if self._new_fork_token_ids and model.get_input_embeddings().weight.shape[0] < needed:
+            with parameters_on_meta():
+                model.resize_token_embeddings(needed, mean_resizing=False)
+        return model
 
     def on_model_built(self) -> None:
-        """Called by ``configure_model`` once the model is built and its starting weights loaded,
-        before it is sharded: where a method changes the model (freezing, a frozen copy)."""
+        """Called by ``configure_model`` once the model is built and its starting weights loaded (under FSDP2's
+        ``meta_init``: the skeleton, weights to come), before it is sharded: where a method changes the model
+        (freezing, a frozen copy: shard it with :meth:`shard`, then :meth:`fill_shards`)."""
 
     def shard(self, model):
         """FSDP2 (``ModelParallelStrategy`` gives the module a device mesh): ``fully_shard`` each
-        transformer block, then the whole model. Without a mesh (one device, DDP, FSDP) unchanged."""
+        transformer block, then the whole model, with the strategy's options (mixed precision, offload,
+        resharding). Without a mesh (one device, DDP, FSDP) unchanged."""
         if self.device_mesh is None:
             return model
-        return shard_on_mesh(model, self.device_mesh, self.hparams.shard_block_classes, lora=self.lora is not None)
+        options = shard_settings(self.trainer.strategy).fully_shard_options
+        return shard_on_mesh(model, self.device_mesh, self.hparams.shard_block_classes, lora=self.lora is not None,
+                             options=options)
+
+    def fill_shards(self, model, frozen_copy: bool = False):
+        """Under FSDP2's ``meta_init``: allocate the sharded skeleton ``model``'s shards and fill them with the starting
+        weights (:mod:`forklight.sharded_weights`): a sharded checkpoint, each rank its own slices; anything else read
+        by rank 0 a group of tensors at a time and broadcast. Otherwise ``model`` already has them: unchanged.
+        ``frozen_copy``: a copy of the starting model (GRPO's reference), which takes the weights only, not the
+        checkpoint's tag coverage."""
+        if not getattr(self, "_fills_shards", False):
+            return model
+        settings = shard_settings(self.trainer.strategy)
+        offloaded = "offload_policy" in settings.fully_shard_options
+        materialize_shards(model, torch.device("cpu") if offloaded else self.trainer.strategy.root_device)
+        start = self.starting_point
+        if start is not None and start.kind == "sharded":
+            extra = {} if frozen_copy else {"tag_coverage": self.tag_coverage}
+            load_sharded_checkpoint(model, start.path, self._load_dtype, extra=extra)
+            return model
+        if start is not None and start.kind == "checkpoint" and not frozen_copy:
+            start.load_tag_coverage(self)
+        what = f"model.init_from={start.path}" if start is not None else f"model.name_or_path={self.hparams.name_or_path}"
+        fill_from_rank0(model, lambda: self.starting_weights_reader(model), what)
+        return model
+
+    def starting_weights_reader(self, model) -> WeightReader:
+        """Rank 0's reader of the starting weights (:meth:`fill_shards`): a ``.ckpt``'s, the safetensors of
+        ``name_or_path`` (a forklight export, a local dir or a hub id) with new fork-token rows added as a whole build
+        adds them, or, when those cannot be streamed (a fresh model, no safetensors), a model built whole here."""
+        hp, start = self.hparams, self.starting_point
+        if start is not None and start.kind == "checkpoint":
+            return StateDictReader(start.checkpoint_state(), self._load_dtype, prefix="model.")
+        if hp.name_or_path is not None:
+            try:
+                reader = SafetensorsReader(weights_directory(hp.name_or_path), self._load_dtype)
+                if self._new_fork_token_ids:
+                    spec = ForkRowSpec.of(model, self._new_fork_token_ids, self._vocab_before_fork_tokens, hp.seed,
+                                          hp.fork_init_noise)
+                    reader = ForkRows(reader, spec)
+                return reader
+            except (OSError, ValueError) as error:
+                rank_zero_warn(f"forklight: model.name_or_path={hp.name_or_path}: cannot stream its weights into the "
+                               f"shards ({error}); rank 0 builds the whole model and broadcasts it")
+        return StateDictReader(self.build_whole_model().state_dict(), self._load_dtype)
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the data-parallel ranks (a copy; ``value`` itself on one process)."""

@@ -25,6 +25,7 @@ tokens' rows).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +92,7 @@ class GFPOModule(RLModule[GFPOUpdate]):
                 parameter.requires_grad_(False)
             head = self.model.get_output_embeddings().weight  # [V, D]
             head.requires_grad_(True)
-            rows = torch.zeros(head.shape[0], 1, dtype=head.dtype, device=head.device)  # [V, 1]
+            rows = torch.zeros(head.shape[0], 1, dtype=head.dtype)  # [V, 1] (on the CPU: the head may be on meta)
             rows[self.fork_token_ids] = 1.0
             self._fork_rows = rows
             head.register_hook(lambda grad: grad * rows.to(grad.device))  # only the fork rows learn
@@ -122,18 +123,35 @@ class GFPOModule(RLModule[GFPOUpdate]):
     # ---- reference policy (exact KL) ---------------------------------------------------------
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self.hparams.kl_coef > 0 and not self.ref_log_policy:
-            ids, prompts = [], []
-            loader = self.trainer.datamodule.train_dataloader()
-            # Every question on every rank: a rank's share of the data changes with the epoch, and
-            # under FSDP every rank must run the same forward passes.
-            for batch in DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn):
-                ids.extend(batch.ids)
-                prompts.extend(batch.prompt_ids)
-            chunk = self.hparams.generation_batch_size
-            for start in range(0, len(prompts), chunk):
-                log_policy = self.fork_policy_of(prompts[start : start + chunk]).cpu()  # [b, N]
-                self.ref_log_policy.update(zip(ids[start : start + chunk], log_policy))
+        if self.hparams.kl_coef > 0 and not self.ref_log_policy:  # once per fit (a resume loads it from the checkpoint)
+            self.ref_log_policy = self.starting_tag_policy()
+
+    def starting_tag_policy(self) -> dict[str, torch.Tensor]:
+        """log pi_ref(. | x) [N] of every training question, the starting model's: computed once, spread over the
+        ranks and gathered, so that every rank has all of them (a rank's share of the data changes with the epoch).
+
+        The prompts go in chunks of ``generation_batch_size``, chunk k on rank k % world_size: each chunk is the batch
+        one process would run, so the values do not depend on the number of ranks. Every rank runs as many forwards
+        (a rank short of a chunk repeats its last one and drops it): under FSDP each forward is a collective."""
+        loader = self.trainer.datamodule.train_dataloader()
+        ids, prompts = [], []
+        for batch in DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn):
+            ids.extend(batch.ids)
+            prompts.extend(batch.prompt_ids)
+        size, world, rank = self.hparams.generation_batch_size, self.trainer.world_size, self.trainer.global_rank
+        starts = list(range(0, len(prompts), size))
+        mine = starts[rank::world]
+        policy: dict[str, torch.Tensor] = {}
+        for round_index in range(math.ceil(len(starts) / world)):
+            start = mine[min(round_index, len(mine) - 1)] if mine else 0
+            log_policy = self.fork_policy_of(prompts[start : start + size]).cpu()  # [b, N]
+            if round_index < len(mine):
+                policy.update(zip(ids[start : start + size], log_policy))
+        if world > 1:
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, policy)
+            policy = {question: log_policy for part in gathered for question, log_policy in part.items()}
+        return policy
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -70,9 +70,10 @@ class GRPOModule(RLModule[GRPOUpdate]):
             raise ValueError(f"model.rollout_tag must be in [0, {len(self.fork_token_ids) - 1}] or null, got {rollout_tag}")
         self._reference: list = []  # the frozen starting model (kl_coef > 0), kept out of the module tree
 
-    def on_model_built(self) -> None:  # starting weights (init_from) are loaded, no resume yet, not sharded
-        if self.hparams.kl_coef > 0:  # FSDP2 shards the frozen copy like the policy
-            self._reference = [self.shard(copy.deepcopy(self.model).eval().requires_grad_(False))]
+    def on_model_built(self) -> None:  # starting weights loaded (FSDP2 meta_init: still to come), no resume, not sharded
+        if self.hparams.kl_coef > 0:  # FSDP2 shards the frozen copy like the policy (meta_init: and fills it alike)
+            reference = self.shard(copy.deepcopy(self.model).eval().requires_grad_(False))
+            self._reference = [self.fill_shards(reference, frozen_copy=True)]
 
     @property
     def reference_model(self):
