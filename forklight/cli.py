@@ -82,6 +82,23 @@ class ForkLightningCLI(LightningCLI):
         use_atomic_checkpoints(trainer)  # a kill while saving leaves the previous checkpoint whole
         return trainer
 
+    def before_fit(self) -> None:
+        self._pass_on_ckpt_path("fit")
+
+    def before_validate(self) -> None:
+        self._pass_on_ckpt_path("validate")
+
+    def before_test(self) -> None:
+        self._pass_on_ckpt_path("test")
+
+    def _pass_on_ckpt_path(self, subcommand: str) -> None:
+        """Tell the module that Lightning restores its weights from ``--ckpt_path`` (a file or a sharded directory
+        that exists: ``last`` with no run yet starts fresh), so that FSDP2's meta-device build leaves its shards to
+        the checkpoint instead of first reading the starting weights (:meth:`ForkModule.restores_checkpoint`)."""
+        path = self.config[subcommand].get("ckpt_path")
+        if path and Path(path).exists() and hasattr(self.model, "restores_from"):
+            self.model.restores_from = str(path)
+
     def _resolve_last_checkpoint(self, subcommand: str) -> None:
         """``--ckpt_path last``: the newest ``last.ckpt`` of the configured logger's runs; ``fit``
         continues in that run's directory (Lightning would look only in the new, empty version dir)."""

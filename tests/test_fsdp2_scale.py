@@ -7,7 +7,7 @@ point; the streamed export equals ``save_pretrained``'s. The slow ones run two p
 model's shards hold exactly the whole build's weights (and its rotary buffers); FSDP2 mixed precision computes in
 bfloat16 over float32 masters, gradients and AdamW moments; a meta-initialised FSDP2 run steps
 like one process (losses within 1e-5); its streamed export equals its consolidated sharded checkpoint bit for bit;
-GFPO starts from that SSFT run's sharded checkpoint directory and steps as from its export; GRPO's sharded frozen
+a resume under meta_init never reads the starting weights; GFPO starts from that SSFT run's sharded checkpoint directory and steps as from its export; GRPO's sharded frozen
 reference equals the policy at the first step (KL 0); one process tests that checkpoint as the export, and ``fit``
 refuses to resume it without a sharded strategy, saying what to do.
 """
@@ -279,6 +279,12 @@ def test_fsdp2_mixed_precision_computes_in_bfloat16_over_float32_masters_gradien
     assert seen["masters"] == seen["gradients"] == seen["moments"] == ["torch.float32"]
 
 
+def from_plain_checkpoint(directory: Path) -> list[str]:
+    return [f"--model.init_args.name_or_path={directory}", "--model.init_args.tokenizer=null",
+            "--model.init_args.model_config=null", "--model.init_args.num_fork_tokens=3",
+            "--model.init_args.learning_rate=1e-4", "--model.init_args.loss_head=full"]
+
+
 @pytest.fixture(scope="module")
 def scale_runs(tmp_path_factory):
     """SSFT from a plain Hugging Face checkpoint (new fork-token rows): one process (batch 4) and FSDP2 with meta_init
@@ -288,9 +294,7 @@ def scale_runs(tmp_path_factory):
     sharded_export = tmp / "small_shards.yaml"
     sharded_export.write_text("trainer:\n  callbacks+:\n    - class_path: forklight.callbacks.HFExport\n"
                               f"      init_args: {{dirpath: {tmp / 'export_in_shards'}, max_shard_size: 20000}}\n")
-    start = [f"--model.init_args.name_or_path={directory}", "--model.init_args.tokenizer=null",
-             "--model.init_args.model_config=null", "--model.init_args.num_fork_tokens=3",
-             "--model.init_args.learning_rate=1e-4", "--model.init_args.loss_head=full"]
+    start = from_plain_checkpoint(directory)
     runs = {"single": fit("ssft.yaml", tmp / "single", *start),
             "fsdp2": fit("ssft.yaml", tmp / "fsdp2", *start, "-c", str(sharded_export), strategy="fsdp2")}
     runs = {name: root / "ssft" / "version_0" for name, root in runs.items()}
@@ -304,6 +308,24 @@ def test_a_meta_initialised_fsdp2_run_steps_like_one_process(scale_runs):
     assert len(single) == 3 and sharded == pytest.approx(single, **LOSS_TOLERANCE)
     assert_same_weights(exported_weights(scale_runs["single"] / "export"), exported_weights(scale_runs["fsdp2"] / "export"),
                         WEIGHT_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_a_meta_initialised_resume_leaves_the_shards_to_the_checkpoint(scale_runs, tmp_path):
+    """``--ckpt_path`` under meta_init: the shards are filled by the checkpoint Lightning restores, the starting
+    weights are never read (at 32B, minutes): with its weights file cut after the header, the run still resumes and
+    takes the step the uninterrupted run took."""
+    directory = plain_checkpoint(tmp_path / "plain")
+    first = fit("ssft.yaml", tmp_path / "first", *from_plain_checkpoint(directory), strategy="fsdp2", max_steps=2)
+    weights = directory / "model.safetensors"
+    header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    with open(weights, "r+b") as handle:
+        handle.truncate(header)  # a reader of the starting weights now fails
+    checkpoint = first / "ssft" / "version_0" / "checkpoints" / "last.ckpt"
+    resumed = fit("ssft.yaml", tmp_path / "resumed", *from_plain_checkpoint(directory), f"--ckpt_path={checkpoint}",
+                  strategy="fsdp2", max_steps=3)
+    losses = scalars(resumed / "ssft" / "version_0")["train/loss"]
+    assert losses == pytest.approx(scalars(scale_runs["fsdp2"])["train/loss"][2:], **LOSS_TOLERANCE)
 
 
 @pytest.mark.slow

@@ -184,6 +184,7 @@ class ForkModule(L.LightningModule):
         """
         super().__init__()
         self.starting_point = resolve_init_from(init_from) if init_from else None  # a forklight run this one starts from
+        self.restores_from: str | None = None  # a checkpoint Lightning restores after configure_model (the CLI sets it)
         self._hparam_overrides = {"tokenizer": tokenizer_name(tokenizer, name_or_path, gguf_file=gguf_file)}
         if self.starting_point is not None:  # it fixes the model
             self._hparam_overrides = self.starting_point.hyperparameters(num_fork_tokens)
@@ -383,6 +384,10 @@ class ForkModule(L.LightningModule):
         settings = shard_settings(self.trainer.strategy)
         offloaded = "offload_policy" in settings.fully_shard_options
         materialize_shards(model, torch.device("cpu") if offloaded else self.trainer.strategy.root_device)
+        if not frozen_copy and self.restores_checkpoint():
+            rank_zero_info(f"forklight: the shards are filled by the checkpoint Lightning restores "
+                           f"({self.restores_from or self.trainer.ckpt_path}), not read from the starting weights")
+            return model
         start = self.starting_point
         if start is not None and start.kind == "sharded":
             extra = {} if frozen_copy else {"tag_coverage": self.tag_coverage}
@@ -393,6 +398,12 @@ class ForkModule(L.LightningModule):
         what = f"model.init_from={start.path}" if start is not None else f"model.name_or_path={self.hparams.name_or_path}"
         fill_from_rank0(model, lambda: self.starting_weights_reader(model), what)
         return model
+
+    def restores_checkpoint(self) -> bool:
+        """Whether Lightning restores the weights from a checkpoint right after ``configure_model`` (``--ckpt_path``,
+        which the CLI passes on as ``restores_from``; a library user's ``trainer.ckpt_path = ...`` before ``fit``):
+        then reading the starting weights into the shards would be minutes of work thrown away at 32B."""
+        return bool(self.restores_from or (self._trainer is not None and self.trainer.ckpt_path))
 
     def starting_weights_reader(self, model) -> WeightReader:
         """Rank 0's reader of the starting weights (:meth:`fill_shards`): a ``.ckpt``'s, the safetensors of
