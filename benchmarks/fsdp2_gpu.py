@@ -40,7 +40,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from benchmarks.timing import RESULTS, write_results
+from benchmarks.timing import RESULTS, child_environment, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SIDES = {
@@ -147,7 +147,7 @@ def run_side(side: str, args, work: Path, model_config: dict, devices: int) -> d
                                       max_length=args.length + 64))
     command = [sys.executable, "-m", "forklight", "fit", "-c", str(REPO / "configs" / "strategies" / "fsdp2.yaml"),
                "-c", str(config), *SIDES[side]]
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    environment = child_environment(str(REPO))
     started = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
     wall = time.perf_counter() - started

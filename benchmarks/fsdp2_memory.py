@@ -44,7 +44,7 @@ from pathlib import Path
 
 import lightning as L
 
-from benchmarks.timing import RESULTS, write_results
+from benchmarks.timing import RESULTS, child_environment, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -167,7 +167,7 @@ def save_checkpoint_in_a_subprocess(directory: Path, quick: bool, dtype: str) ->
             f"print(save_checkpoint(__import__('pathlib').Path({str(directory)!r}), "
             f"{'LLAMA_44M' if quick else 'LLAMA_374M'}, {dtype!r}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env=child_environment(str(REPO)))
     return int(result.stdout.split()[-1])
 
 
@@ -179,7 +179,7 @@ def run_side(setting: str, side: str, model: Path, work: Path) -> list[dict]:
     command = [sys.executable, "-m", "forklight", "fit", "-c", str(config), "-c",
                str(REPO / "configs" / "strategies" / "fsdp2.yaml"),
                f"--trainer.strategy.init_args.meta_init={SIDES[side][1]}", *SETTINGS[setting]["arguments"]]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    environment = child_environment(str(REPO), OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")

@@ -36,6 +36,7 @@ SIDES = ("full", "chunked", "liger")
 
 def worker(side: str, length: int, repeats: int, architecture: str, device: str) -> dict:
     import torch
+    from lightning.fabric.utilities.apply_func import move_data_to_device
 
     from benchmarks.engines import ARCHITECTURES
     from forklight.errors import ConfigError
@@ -56,7 +57,7 @@ def worker(side: str, length: int, repeats: int, architecture: str, device: str)
     except ConfigError as error:
         return {"side": side, "skipped": str(error)}
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
-    batch = trace_batch(module, [[length] * TRACES], seed=1)
+    batch = move_data_to_device(trace_batch(module, [[length] * TRACES], seed=1), torch.device(device))
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)

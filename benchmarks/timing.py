@@ -29,6 +29,13 @@ def add_clock_argument(parser, help: str) -> None:
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS), help=help)
 
 
+def child_environment(repository: str, **variables: str) -> dict[str, str]:
+    """This process's environment for a child run in ``repository``: the repository first on ``PYTHONPATH``
+    (what was there stays after it, e.g. carried wheels), plus ``variables``."""
+    path = os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **variables, "PYTHONPATH": path}
+
+
 def synchronize() -> None:
     """Wait for queued GPU work, so that a clock read after it counts it."""
     if torch.cuda.is_available():
