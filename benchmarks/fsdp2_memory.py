@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import lightning as L
 
-from benchmarks.timing import RESULTS, child_environment, write_results
+from benchmarks.timing import RESULTS, child_environment, peak_rss_mib, rss_mib, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -98,20 +97,6 @@ data:
 
 
 # ---- the probe, inside each rank of the run -------------------------------------------------------
-def rss_mib() -> float:
-    """This process's resident memory now (``VmRSS``), MiB."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def peak_rss_mib() -> float:
-    """This process's resident-memory high-water mark (``ru_maxrss``: KiB on Linux), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 class MemoryProbe(L.Callback):
     def __init__(self, output: str) -> None:
         """Write ``<output>/rank<r>.json``: baseline RSS, setup peak, first-step peak (MiB), setup seconds.

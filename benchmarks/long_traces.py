@@ -60,13 +60,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.timing import CLOCKS, RESULTS, add_clock_argument, count_supervised_tokens, write_results
+from benchmarks.timing import (CLOCKS, RESULTS, add_clock_argument, count_supervised_tokens, peak_rss_mib, rss_mib,
+                               write_results)
 
 VOCAB = 152_064  # Qwen2.5's vocabulary
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -87,20 +87,6 @@ GIB = 1024**3
 
 
 # ---- memory --------------------------------------------------------------------------------------
-def rss_mib() -> float:
-    """This process's resident memory now (``VmRSS``), MiB."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def peak_rss_mib() -> float:
-    """This process's resident-memory high-water mark (``ru_maxrss``: KiB on Linux), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def row_length(trace_length: int) -> int:
     return PROMPT_TOKENS + 1 + trace_length  # prompt | tag | trace
 

@@ -1,5 +1,5 @@
 """What every benchmark times with: clocks, medians of repeated runs, per-step timers for the
-Lightning and the transformers training loops, alternating sides, and the results file.
+Lightning and the transformers training loops, alternating sides, host memory readings, and the results file.
 
 A clock is passed to whatever measures (``clock=``), never set globally: ``wall`` is
 ``time.perf_counter``; ``cpu`` is this process's CPU time summed over its threads, a proxy that
@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import statistics
 import time
 import warnings
@@ -34,6 +35,20 @@ def child_environment(repository: str, **variables: str) -> dict[str, str]:
     (what was there stays after it, e.g. carried wheels), plus ``variables``."""
     path = os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))
     return {**os.environ, **variables, "PYTHONPATH": path}
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (``VmRSS``), MiB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-memory high-water mark (``ru_maxrss``: KiB on Linux), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def synchronize() -> None:

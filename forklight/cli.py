@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from forklight.checkpointing import find_last_checkpoint, use_atomic_checkpoints
+from forklight.checkpointing import SHARDED_METADATA, find_last_checkpoint, use_atomic_checkpoints
 from forklight.data.datamodule import ForkDataModule
 from forklight.errors import ConfigError, UserError
 from forklight.modules.base import ForkModule
@@ -130,7 +130,7 @@ class ForkLightningCLI(LightningCLI):
                     f"--ckpt_path={ckpt_path} is a sharded checkpoint, whose optimiser state only a sharded strategy "
                     "restores: resume with the overlay that wrote it (-c configs/strategies/fsdp2.yaml), or start a new "
                     f"run from its weights with --model.init_args.init_from={ckpt_path}")
-            ckpt_path = str(Path(ckpt_path) / "meta.pt")
+            ckpt_path = str(Path(ckpt_path) / SHARDED_METADATA)
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         # mmap: only the hyperparameters are read here; Lightning loads the weights when it restores.

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from forklight.checkpointing import SHARDED_METADATA, is_sharded_checkpoint
 from forklight.data.rendering import TOY_TOKENIZER
 
 # What a checkpoint or export fixes about the model it holds (the rest comes from the config).
 IDENTITY_KEYS = ("name_or_path", "gguf_file", "model_config", "tokenizer", "num_fork_tokens", "fork_token_format", "end_token")
 METADATA_FILE = "forklight.json"  # written by forklight.callbacks.HFExport next to the weights
-SHARDED_CHECKPOINT_FILE = "meta.pt"  # Lightning's: all but the weights and optimiser state of a sharded checkpoint
 
 
 @dataclass(frozen=True)
@@ -99,15 +99,15 @@ def resolve_init_from(init_from: str) -> StartingPoint:
                 "(e.g. forklight fit -c configs/ssft.yaml) or point init_from at its export or checkpoint"
             )
         path = matches[-1]
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, SHARDED_CHECKPOINT_FILE)):
-        saved = torch.load(os.path.join(path, SHARDED_CHECKPOINT_FILE), weights_only=True, map_location="cpu")
+    if is_sharded_checkpoint(path):
+        saved = torch.load(os.path.join(path, SHARDED_METADATA), weights_only=True, map_location="cpu")
         identity = saved.get("hyper_parameters", {})
         return StartingPoint(path, "sharded", {key: identity[key] for key in IDENTITY_KEYS if key in identity})
     if os.path.isdir(path):
         metadata_file = os.path.join(path, METADATA_FILE)
         if not os.path.isfile(metadata_file):
             raise FileNotFoundError(f"model.init_from={path!r} is a directory without {METADATA_FILE} (a forklight "
-                                    f"export) or {SHARDED_CHECKPOINT_FILE} (a sharded checkpoint)")
+                                    f"export) or {SHARDED_METADATA} (a sharded checkpoint)")
         with open(metadata_file) as handle:
             metadata = json.load(handle)
         identity = {"name_or_path": path, "gguf_file": None, "tokenizer": path, "model_config": None,
