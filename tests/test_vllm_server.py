@@ -252,16 +252,24 @@ def test_gfpo_head_with_untied_embeddings_may_fit_on_the_server_engine(tmp_path)
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(export, its metadata, tokenizer, the running server): a tiny export whose fork tokens' output rows are
-    raised by 5, so that the model would sample them often unless they are suppressed."""
+    raised by 5, so that the model would sample them often unless they are suppressed. Its weights are written by
+    the streamed export of FSDP2 runs in several safetensors shards plus their index, so vLLM serves that format."""
     pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forklight.sharded_weights import write_streamed_export
+    from forklight.sharding import transformer_blocks
 
     export = tiny_export(tmp_path_factory.mktemp("vllm_server"), VLLM_MODEL_CONFIG)
     metadata = json.loads((export / "forklight.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
     with torch.no_grad():
         model.get_output_embeddings().weight[metadata["fork_token_ids"]] += 5.0
-    model.save_pretrained(export)
+    names = {module: name for name, module in model.named_modules()}
+    total = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    files = write_streamed_export(model, str(export), torch.float32, total // 3,
+                                  [names[block] for block in transformer_blocks(model)])
+    assert len(files) > 1 and (export / "model.safetensors.index.json").is_file()
     server = LocalServer(export, export.parent / "vllm_serve.log", dtype="float32", max_model_len=256,
                          kv_cache_memory_bytes=2**28)
     server.start(300)
