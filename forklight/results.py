@@ -101,6 +101,29 @@ def evaluation_of_rows(rows: list[dict[str, Any]], num_tags: int, classify=None)
         policy=rows[0].get("tag_policy") or [], truncated=truncated)
 
 
+def cut_unfinished_line(path: Path) -> bytes:
+    """The bytes of the JSON-lines file ``path`` (b"" if there is none); a last line without its newline (a write
+    cut by a kill) is cut off the file first, so that the next append starts a line of its own instead of gluing
+    its first row onto the cut one."""
+    if not path.exists():
+        return b""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]  # rfind -1: no whole line, nothing left
+        with open(path, "r+b") as handle:
+            handle.truncate(len(data))
+            os.fsync(handle.fileno())
+    return data
+
+
+def append_json_lines(path: Path, rows: list[dict[str, Any]], mode: str = "a") -> None:
+    """``rows`` as JSON lines at the end of ``path`` (``mode="w"``: instead of it), flushed to disk."""
+    with open(path, mode, encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 class SampleStore:
     """The samples of one evaluation in ``directory``: appended as questions finish, read back on resume."""
 
@@ -131,6 +154,7 @@ class SampleStore:
                                   f"the same settings, or give another model.eval_output")
         elif rank == 0:
             stored.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+        cut_unfinished_line(self.path)  # this rank's file only: the other ranks cut theirs
         self.finished = self._read() if resume and reuse else {}
 
     def _read(self) -> dict[str, list[dict[str, Any]]]:
@@ -142,19 +166,15 @@ class SampleStore:
                     continue
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill: its question is generated again
+                except json.JSONDecodeError:  # another rank's line being cut: its question is generated again
                     continue
                 rows[row["id"]][row["tag_index"], row["sample"]] = row
         return {qid: list(samples.values()) for qid, samples in rows.items() if len(samples) == self.samples}
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         """Append rows (whole questions) and flush them to disk."""
-        if not rows:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            handle.flush()
-            os.fsync(handle.fileno())
+        if rows:
+            append_json_lines(self.path, rows)
 
     def merge(self, evaluations: list[QuestionEvaluation], tag_names: list[str]) -> None:
         """Rank 0, at the end: every question's rows in one ``samples.jsonl`` (the ranks' files removed)."""

@@ -299,6 +299,24 @@ def test_a_directory_with_samples_is_not_overwritten_without_resume(tmp_path):
         SampleStore(tmp_path, identity, samples=2, resume=False)
 
 
+def test_a_resumed_sample_store_cuts_the_line_a_kill_left_unfinished(tmp_path):
+    """A kill mid-write leaves a last line without its newline; a resume cuts it, so the next question's rows start
+    lines of their own (glued onto the cut line, its first row would be lost and the question generated again)."""
+    from forklight.results import SampleStore
+
+    identity = {"protocol": {"temperature": 0.7}, "model": {"weights_sha256": "abc"}}
+    rows = {qid: [{"id": qid, "tag_index": tag, "sample": 0} for tag in range(2)] for qid in ("q", "r")}
+    store = SampleStore(tmp_path, identity, samples=2)
+    store.append(rows["q"])
+    with open(store.path, "a") as handle:
+        handle.write('{"id": "r", "tag_ind')  # the kill
+    resumed = SampleStore(tmp_path, identity, samples=2)
+    assert set(resumed.finished) == {"q"}
+    resumed.append(rows["r"])
+    assert [json.loads(line)["id"] for line in store.path.read_text().splitlines()] == ["q", "q", "r", "r"]
+    assert set(SampleStore(tmp_path, identity, samples=2).finished) == {"q", "r"}
+
+
 def test_a_run_config_with_its_own_tokenizer_takes_the_exports_when_starting_from_one(tmp_path):
     from forklight.cli import build_cli
     from tests.conftest import tiny_overrides

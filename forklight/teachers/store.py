@@ -15,6 +15,7 @@ from typing import Any
 
 from forklight.data.records import QuestionRecord
 from forklight.errors import ConfigError, UserError
+from forklight.results import append_json_lines, cut_unfinished_line
 
 STORE_FORMAT = "forklight-teacher-samples/1"
 
@@ -111,14 +112,7 @@ class TeacherStore:
     def _read_repaired(self) -> list[Any]:
         """The stored lines, decoded (an undecodable line: None); a last line without its newline (a write cut by a
         kill) is cut off the file first, and a file holding no whole line is treated as new."""
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):
-            data = data[: data.rfind(b"\n") + 1]  # rfind -1: nothing left
-            with open(self.path, "r+b") as handle:
-                handle.truncate(len(data))
-                os.fsync(handle.fileno())
+        data = cut_unfinished_line(self.path)
         rows = []
         for line in data.decode("utf-8", errors="replace").splitlines():
             try:
@@ -129,10 +123,7 @@ class TeacherStore:
         return rows
 
     def _write(self, rows: list[dict], mode: str = "a") -> None:
-        with open(self.path, mode, encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_json_lines(self.path, rows, mode)
         if mode == "w":  # the new file's directory entry is durable too
             descriptor = os.open(self.path.parent, os.O_RDONLY)
             try:
