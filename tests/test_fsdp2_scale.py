@@ -5,11 +5,12 @@ streamed fork-token rows equal a whole build's bit for bit; the strategy's optio
 and mixed precision refuses a trainer precision that casts too; a sharded (DCP) checkpoint directory is a starting
 point; the streamed export equals ``save_pretrained``'s. The slow ones run two processes (gloo): a meta-initialised
 model's shards hold exactly the whole build's weights (and its rotary buffers); FSDP2 mixed precision computes in
-bfloat16 over float32 masters, gradients and AdamW moments; a meta-initialised FSDP2 run steps
-like one process (losses within 1e-5); its streamed export equals its consolidated sharded checkpoint bit for bit;
-a resume under meta_init never reads the starting weights; GFPO starts from that SSFT run's sharded checkpoint directory and steps as from its export; GRPO's sharded frozen
-reference equals the policy at the first step (KL 0); one process tests that checkpoint as the export, and ``fit``
-refuses to resume it without a sharded strategy, saying what to do.
+bfloat16 over float32 masters, gradients and AdamW moments; a meta-initialised FSDP2 run steps like one process
+(losses within 1e-5); a resume under meta_init never reads the starting weights; the streamed export equals the
+consolidated sharded checkpoint bit for bit; GFPO starts from that SSFT run's sharded checkpoint directory and steps
+as from its export; GRPO's sharded frozen reference equals the policy at the first step (KL 0); one process and
+FSDP2 test that checkpoint as one process tests the export; ``fit`` refuses to resume it without a sharded
+strategy, saying what to do.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_MODEL_CONFIG
-from tests.test_distributed import LOSS_TOLERANCE, WEIGHT_TOLERANCE, assert_same_weights, exported_weights, fit, scalars
+from tests.test_distributed import LOSS_TOLERANCE, METRIC_TOLERANCE, WEIGHT_TOLERANCE, assert_same_weights, exported_weights, fit, scalars
 
 
 def plain_checkpoint(directory: Path, tied: bool = False, dtype: torch.dtype = torch.float32) -> Path:
@@ -404,3 +405,29 @@ def test_one_process_tests_a_sharded_checkpoint_as_its_export(scale_runs, tmp_pa
           f"--model.init_args.eval_output={tmp_path / 'from_export'}"])
     results = [json.loads((tmp_path / name / "results.json").read_text())["metrics"] for name in ("from_checkpoint", "from_export")]
     assert results[0] and results[0] == results[1]
+
+
+@pytest.mark.slow
+def test_fsdp2_tests_its_sharded_checkpoint_as_one_process_tests_the_export(scale_runs, tmp_path):
+    """``forklight test --ckpt_path <sharded dir>`` under FSDP2 (meta_init: the shards are left to the checkpoint
+    Lightning restores, each rank reading its slices): the metrics one process gets from the run's export."""
+    import subprocess
+    import sys
+
+    from forklight.cli import main
+    from tests.conftest import CONFIGS, REPO, tiny_overrides
+
+    run = scale_runs["fsdp2"]
+    common = ["-c", str(CONFIGS / "ssft.yaml"), *tiny_overrides(tmp_path), "--model.init_args.tokenizer=null",
+              "--model.init_args.model_config=null", "--model.init_args.num_fork_tokens=3"]
+    command = [sys.executable, "-m", "forklight", "test", *common, "-c", str(CONFIGS / "strategies" / "fsdp2.yaml"),
+               f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--data.init_args.batch_size=2",
+               f"--model.init_args.eval_output={tmp_path / 'sharded'}"]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-6000:]
+    main(["test", *common, f"--model.init_args.init_from={run / 'export'}",
+          f"--model.init_args.eval_output={tmp_path / 'export'}"])
+    sharded, export = (json.loads((tmp_path / name / "results.json").read_text())["metrics"] for name in ("sharded", "export"))
+    assert export and sorted(sharded) == sorted(export)
+    assert all(sharded[key] == pytest.approx(export[key], abs=METRIC_TOLERANCE) for key in export), (sharded, export)
