@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import forklight.data.cache as cache_module
+import forklight.data.cache_rendering as cache_rendering_module
 import forklight.data.datamodule as datamodule_module
 import forklight.data.validation as validation_module
 from forklight.data.batching import LengthGroupedSampler
@@ -113,7 +114,7 @@ def test_a_second_setup_reuses_the_entry_without_reading_or_tokenising(tmp_path,
     def refuse(*args, **kwargs):
         raise AssertionError("a re-used entry must not read or tokenise the data")
 
-    monkeypatch.setattr(cache_module, "render_records", refuse)
+    monkeypatch.setattr(cache_rendering_module, "render_records", refuse)
     monkeypatch.setattr(validation_module, "render_records", refuse)
     monkeypatch.setattr(ForkDataModule, "_read_splits", refuse)
     second = _data(train, cache_dir, batch_size=2, num_workers=0, eval_batch_size=8, num_proc=4)  # serving options

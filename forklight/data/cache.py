@@ -38,7 +38,6 @@ import contextlib
 import errno
 import json
 import logging
-import multiprocessing
 import os
 import pickle
 import shutil
@@ -46,18 +45,18 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from forklight.data.cache_key import CACHE_DIR_ENV, CACHE_FORMAT
+from forklight.data.cache_rendering import ChunkFailure, chunk_records, render_chunk, render_task, worker_pool
 from forklight.data.records import QuestionRecord, RecordError
 from forklight.data.rendering import RenderedQuestion
-from forklight.data.validation import RenderOptions, SplitValidation, render_records, warn_overlong
+from forklight.data.validation import RenderOptions, SplitValidation, warn_overlong
 from forklight.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -199,7 +198,7 @@ def build_entry(directory: Path, read_splits: Callable[[], dict[str, list[Questi
     tmp = _temporary_directory(directory, origin)
     try:
         start = time.perf_counter()
-        with _captured_warnings() as warnings, _worker_pool(tokenizer, num_proc) as pool:
+        with _captured_warnings() as warnings, worker_pool(tokenizer, num_proc) as pool:
             splits = read_splits()
             stored = {}
             for split in list(splits):
@@ -279,7 +278,7 @@ def _write_split(tmp: Path, split: str, records: list[QuestionRecord], validatio
     """Render ``records`` chunk by chunk into ``<split>.tokens.npy`` and ``<split>.spans.npy``; returns each kept
     question's metadata ``(id, answer, sources, columns, location, first span)``."""
     tasks = ((split, chunk, options) for chunk in chunk_records(records, chunk_characters))
-    chunks = pool.imap(_render_task, tasks) if pool is not None else (
+    chunks = pool.imap(render_task, tasks) if pool is not None else (
         render_chunk(chunk, tokenizer, split, options) for _, chunk, _ in tasks)
     questions: list[tuple] = []
     tokens = ArrayWriter(tmp / f"{split}.tokens.npy", np.int32)
@@ -297,80 +296,6 @@ def _write_split(tmp: Path, split: str, records: list[QuestionRecord], validatio
             tokens.write(chunk.tokens)
     validation.questions = len(questions)
     return questions
-
-
-def chunk_records(records: list[QuestionRecord], characters: int) -> Iterator[list[QuestionRecord]]:
-    """Consecutive chunks of ``records`` of about ``characters`` characters of text each (at least one record)."""
-    chunk, size = [], 0
-    for record in records:
-        chunk.append(record)
-        size += len(record.prompt or "") + sum(len(trace.text) for trace in record.traces)
-        if size >= characters:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-@dataclass
-class RenderedChunk:
-    """A chunk of records rendered (in a worker): its spans as arrays, its questions' metadata and counts."""
-
-    tokens: np.ndarray  # int32 [T_chunk]: every span's ids end to end
-    span_lengths: np.ndarray  # int64 [S_chunk]: per question its prompt, then each trace
-    questions: list[tuple]  # (id, answer, sources, columns, location, first span in the chunk) per kept question
-    validation: SplitValidation  # counts of this chunk
-    skipped: list[str]  # messages of the skipped records, logged by the parent
-
-
-@dataclass
-class ChunkFailure:
-    """A worker's :class:`RecordError` (``data.on_bad_record: error``), raised again by the parent with its reason."""
-
-    message: str
-    reason: str
-
-
-def render_chunk(records: list[QuestionRecord], tokenizer, split: str, options: RenderOptions) -> RenderedChunk:
-    """:func:`~forklight.data.validation.render_records` on a chunk of a split, as arrays."""
-    validation, skipped = SplitValidation(), []
-    questions = render_records(records, tokenizer, split, validation, options, report_skip=skipped.append)
-    spans = [ids for question in questions for ids in (question.prompt_ids, *question.trace_ids)]
-    lengths = np.fromiter(map(len, spans), dtype=np.int64, count=len(spans))  # [S_chunk]
-    tokens = np.fromiter(chain.from_iterable(spans), dtype=np.int32, count=int(lengths.sum()))  # [T_chunk]
-    metadata, first = [], 0
-    for question in questions:
-        metadata.append((question.id, question.answer, question.sources, question.columns, question.location, first))
-        first += 1 + len(question.trace_ids)
-    return RenderedChunk(tokens, lengths, metadata, validation, skipped)
-
-
-_worker_tokenizer = None  # a worker process's tokenizer, unpickled once (_start_worker)
-
-
-def _start_worker(tokenizer) -> None:
-    global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # num_proc processes, one thread each
-    _worker_tokenizer = tokenizer
-
-
-def _render_task(task: tuple[str, list[QuestionRecord], RenderOptions]) -> RenderedChunk | ChunkFailure:
-    split, records, options = task
-    try:
-        return render_chunk(records, _worker_tokenizer, split, options)
-    except RecordError as error:  # pickled, a RecordError would lose its reason
-        return ChunkFailure(str(error), error.reason)
-
-
-@contextlib.contextmanager
-def _worker_pool(tokenizer, num_proc: int):
-    """``num_proc`` spawned processes holding the tokenizer (None for one: render in this process)."""
-    if num_proc <= 1:
-        yield None
-        return
-    context = multiprocessing.get_context("spawn")  # no fork of a process with threads (torch, the tokenizer's)
-    with context.Pool(num_proc, initializer=_start_worker, initargs=(tokenizer,)) as pool:
-        yield pool
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ SERVING_OPTIONS = ("batch_size", "max_tokens_per_batch", "eval_batch_size", "num
 DATA_SOURCES = ("train", "val", "test", "predict")
 # Modules whose code decides the rendered ids (reading, layouts, benchmarks, the toy task, rendering, validation).
 RENDERING_MODULES = ("records", "loading", "layouts", "benchmarks", "toy", "rendering", "validation", "datamodule", "cache",
-                     "cache_key")
+                     "cache_key", "cache_rendering")
 
 
 # ---- where -------------------------------------------------------------------------------
