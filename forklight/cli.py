@@ -91,6 +91,9 @@ class ForkLightningCLI(LightningCLI):
     def before_test(self) -> None:
         self._pass_on_ckpt_path("test")
 
+    def before_predict(self) -> None:
+        self._pass_on_ckpt_path("predict")
+
     def _pass_on_ckpt_path(self, subcommand: str) -> None:
         """Tell the module that Lightning restores its weights from ``--ckpt_path`` (a file or a sharded directory
         that exists: ``last`` with no run yet starts fresh), so that FSDP2's meta-device build leaves its shards to
