@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from forklight.models import DTYPES, exportable_model
 from forklight.sharded_weights import write_streamed_export
-from forklight.sharding import full_state_dict, transformer_blocks, unsharded_class_name
+from forklight.sharding import full_state_dict, is_fsdp2_sharded, transformer_blocks, unsharded_class_name
 from forklight.starting import METADATA_FILE
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -137,9 +137,3 @@ class HFExport(L.Callback):
                 export_pretrained(pl_module, directory, state_dict)
         rank_zero_info(f"forklight: exported model, tokenizer and {METADATA_FILE} to {directory}")
         trainer.strategy.barrier("forklight_export")
-
-
-def is_fsdp2_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(module, FSDPModule) for module in model.modules())

@@ -13,6 +13,9 @@ It also reads a sharded checkpoint directory (what FSDP2 runs save: DCP shards p
 where a strategy that does not shard asks for a checkpoint (``forklight test --ckpt_path <dir>``
 on one device): the weights consolidated in memory (:func:`load_sharded_as_whole`), without the
 sharded optimiser state, so ``fit`` cannot resume from it there (the CLI says what to do instead).
+Reading one in place (:func:`load_sharded`, each rank its own slices under FSDP2) and refusing starting
+weights that are not the model's (:func:`refuse_lora_checkpoint`, :func:`refuse_missing_weights`) are shared
+with :mod:`forklight.starting` and :mod:`forklight.sharded_weights`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -37,22 +41,51 @@ def is_sharded_checkpoint(path) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, SHARDED_METADATA))
 
 
+def sharded_contents(path) -> dict[str, Any]:
+    """What a sharded checkpoint directory holds: key (``state_dict.model.model.embed_tokens.weight``, ...) -> its
+    DCP metadata (a tensor's size and dtype)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(path).read_metadata().state_dict_metadata
+
+
+def load_sharded(state: dict[str, Any], path, no_dist: bool) -> None:
+    """Read ``state``'s tensors in place from the sharded checkpoint directory ``path`` (DCP: a DTensor gets only
+    its own rank's slices); ``no_dist``: by this process alone, which PyTorch warns it then assumes (it is meant)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+
+
 def load_sharded_as_whole(path, weights_only: bool | None = None) -> dict[str, Any]:
     """A sharded checkpoint directory as a whole Lightning checkpoint: ``meta.pt`` plus ``state_dict`` (every
     weight read whole by this process), without ``optimizer_states`` (they stay sharded)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     checkpoint = torch.load(os.path.join(path, SHARDED_METADATA), weights_only=weights_only, map_location="cpu")
-    stored = FileSystemReader(path).read_metadata().state_dict_metadata
-    weights = {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in stored.items()
+    weights = {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in sharded_contents(path).items()
                if key.startswith("state_dict.") and isinstance(item, TensorStorageMetadata)}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load(weights, checkpoint_id=path, no_dist=True)
+    load_sharded(weights, path, no_dist=True)
     checkpoint["state_dict"] = {key[len("state_dict."):]: value for key, value in weights.items()}
     return checkpoint
+
+
+def refuse_lora_checkpoint(path: str, keys: Iterable[str]) -> None:
+    """A checkpoint (``model.init_from``) whose keys name LoRA adapters is a LoRA run's: the merged weights to start
+    from are in its export."""
+    if any("lora_" in key for key in keys):
+        raise ValueError(f"model.init_from={path} is a checkpoint of a LoRA run; start from its export "
+                         "(merged weights: runs/<name>/version_<k>/export) instead")
+
+
+def refuse_missing_weights(what: str, missing: list[str]) -> None:
+    """The starting weights ``what`` (``model.init_from=<path>``, ``model.name_or_path=<id>``) lack the model's
+    weights ``missing`` (none: nothing to say)."""
+    if missing:
+        raise ValueError(f"{what} lacks {len(missing)} of the model's weights (e.g. {missing[:3]}); is it a checkpoint "
+                         "of this model?")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

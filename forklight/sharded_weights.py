@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from forklight.checkpointing import load_sharded, refuse_lora_checkpoint, refuse_missing_weights, sharded_contents
 from forklight.forking import fork_token_rows
 
 FILL_GROUP_BYTES = 64 * 2**20  # rank 0 reads at most this much (or one larger tensor) before broadcasting it
@@ -247,10 +247,7 @@ def fill_from_rank0(model: nn.Module, make_reader: Callable[[], WeightReader], w
 
     def checked_reader() -> WeightReader:
         reader = make_reader()
-        missing = [key for key in keys if key not in reader.keys()]
-        if missing:
-            raise ValueError(f"{what} lacks {len(missing)} of the model's weights (e.g. {missing[:3]}); is it a "
-                             "checkpoint of this model?")
+        refuse_missing_weights(what, [key for key in keys if key not in reader.keys()])
         return reader
 
     reader = agree_on_rank0(checked_reader)
@@ -277,13 +274,6 @@ def byte_groups(keys: list[str], state: dict[str, torch.Tensor], group_bytes: in
         yield group
 
 
-def sharded_checkpoint_keys(path: str) -> set[str]:
-    """The keys a sharded (DCP) checkpoint directory holds (``state_dict.model.model.embed_tokens.weight``, ...)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return set(FileSystemReader(path).read_metadata().state_dict_metadata)
-
-
 @torch.no_grad()
 def load_sharded_checkpoint(model: nn.Module, path: str, dtype: torch.dtype, extra: dict[str, torch.Tensor] | None = None,
                             prefix: str = "model.") -> None:
@@ -293,24 +283,15 @@ def load_sharded_checkpoint(model: nn.Module, path: str, dtype: torch.dtype, ext
     Sharded (DTensor) weights: each rank reads only its own slices. Plain weights (one device, DDP): each
     process reads them whole. Floating weights are rounded through ``dtype`` (how a whole build loads them,
     e.g. bfloat16 before becoming float32 masters)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.tensor import DTensor
 
     state = get_model_state_dict(model)
     wanted = {f"{prefix}{key}": value for key, value in state.items()} | dict(extra or {})
-    available = {key.removeprefix("state_dict.") for key in sharded_checkpoint_keys(path)}
-    missing = sorted(set(wanted) - available)
-    if missing:
-        raise ValueError(f"model.init_from={path} lacks {len(missing)} model weights (e.g. {missing[:3]}); is it a "
-                         "checkpoint of this model?")
-    if any("lora_" in key for key in available):
-        raise ValueError(f"model.init_from={path} is a checkpoint of a LoRA run; start from its export "
-                         "(merged weights: runs/<name>/version_<k>/export) instead")
-    distributed = dist.is_available() and dist.is_initialized()
-    with warnings.catch_warnings():  # one process: "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load({"state_dict": wanted}, checkpoint_id=path, no_dist=not distributed)
+    available = {key.removeprefix("state_dict.") for key in sharded_contents(path)}
+    refuse_lora_checkpoint(path, available)  # before the missing weights: a LoRA run's keys are all renamed
+    refuse_missing_weights(f"model.init_from={path}", sorted(set(wanted) - available))
+    load_sharded({"state_dict": wanted}, path, no_dist=not (dist.is_available() and dist.is_initialized()))
     for value in state.values():
         local = value.to_local() if isinstance(value, DTensor) else value
         if local.is_floating_point() and local.dtype != dtype:

@@ -194,6 +194,13 @@ class FSDP2Strategy(ModelParallelStrategy):
                     module._buffers[name] = buffer.to(self.root_device)
 
 
+def is_fsdp2_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) was applied to ``model`` or a module inside it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
 def forward_is_collective(model: nn.Module) -> bool:
     """Whether a forward pass of ``model`` all-gathers parameters across ranks (FSDP2 or FSDP units
     inside, more than one rank): then all ranks must call it equally often or they deadlock."""

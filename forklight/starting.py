@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from forklight.checkpointing import SHARDED_METADATA, is_sharded_checkpoint
+from forklight.checkpointing import (SHARDED_METADATA, is_sharded_checkpoint, refuse_lora_checkpoint,
+                                    refuse_missing_weights)
 from forklight.data.rendering import TOY_TOKENIZER
 
 # What a checkpoint or export fixes about the model it holds (the rest comes from the config).
@@ -65,18 +66,14 @@ class StartingPoint:
             return
         state = self.checkpoint_state()
         wanted = {key: value for key, value in state.items() if key.startswith("model.") or key == "tag_coverage"}
-        missing = [key for key in module.state_dict() if key.startswith("model.") and key not in wanted]
-        if missing:
-            raise ValueError(f"model.init_from={self.path} lacks {len(missing)} model weights (e.g. {missing[:3]}); "
-                             "is it a checkpoint of this model?")
+        refuse_missing_weights(f"model.init_from={self.path}",
+                               [key for key in module.state_dict() if key.startswith("model.") and key not in wanted])
         module.load_state_dict(wanted, strict=False)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """A ``.ckpt``'s ``state_dict`` (memory-mapped: tensors are read when used), refusing a LoRA run's."""
         state = torch.load(self.path, weights_only=True, map_location="cpu", mmap=True)["state_dict"]
-        if any("lora_" in key for key in state):
-            raise ValueError(f"model.init_from={self.path} is a checkpoint of a LoRA run; start from its export "
-                             "(merged weights: runs/<name>/version_<k>/export) instead")
+        refuse_lora_checkpoint(self.path, state)
         return state
 
     def load_tag_coverage(self, module: torch.nn.Module) -> None:

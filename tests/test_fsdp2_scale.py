@@ -3,14 +3,14 @@
 The fast tests run in one process: the skeleton's parameters are on the meta device and its buffers real; the
 streamed fork-token rows equal a whole build's bit for bit; the strategy's options become ``fully_shard`` policies
 and mixed precision refuses a trainer precision that casts too; a sharded (DCP) checkpoint directory is a starting
-point; the streamed export equals ``save_pretrained``'s. The slow ones run two processes (gloo): a meta-initialised
-model's shards hold exactly the whole build's weights (and its rotary buffers); FSDP2 mixed precision computes in
-bfloat16 over float32 masters, gradients and AdamW moments; a meta-initialised FSDP2 run steps like one process
-(losses within 1e-5); a resume under meta_init never reads the starting weights; the streamed export equals the
-consolidated sharded checkpoint bit for bit; GFPO starts from that SSFT run's sharded checkpoint directory and steps
-as from its export; GRPO's sharded frozen reference equals the policy at the first step (KL 0); one process and
-FSDP2 test that checkpoint as one process tests the export; ``fit`` refuses to resume it without a sharded
-strategy, saying what to do.
+point, and one of another model or of a LoRA run is refused saying why; the streamed export equals
+``save_pretrained``'s. The slow ones run two processes (gloo): a meta-initialised model's shards hold exactly the
+whole build's weights (and its rotary buffers); FSDP2 mixed precision computes in bfloat16 over float32 masters,
+gradients and AdamW moments; a meta-initialised FSDP2 run steps like one process (losses within 1e-5); a resume under
+meta_init never reads the starting weights; the streamed export equals the consolidated sharded checkpoint bit for
+bit; GFPO starts from that SSFT run's sharded checkpoint directory and steps as from its export; GRPO's sharded
+frozen reference equals the policy at the first step (KL 0); one process and FSDP2 test that checkpoint as one
+process tests the export; ``fit`` refuses to resume it without a sharded strategy, saying what to do.
 """
 
 from __future__ import annotations
@@ -136,6 +136,29 @@ def test_a_sharded_checkpoint_directory_is_a_starting_point(tmp_path):
     assert gfpo.default_tag == 1  # the checkpoint's tag coverage
     expected = start.model.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in gfpo.model.state_dict().items())
+
+
+def test_a_sharded_checkpoint_of_another_model_or_of_a_lora_run_is_refused_saying_why(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from forklight.modules.gfpo import GFPOModule
+
+    start = ssft(plain_checkpoint(tmp_path / "plain"))
+    start.configure_model()
+    state = start.state_dict()
+    adapter = "model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    cases = {  # what the directory holds -> what the refusal says
+        "partial": ({key: value for key, value in state.items() if ".layers.1." not in key},
+                    r"lacks \d+ of the model's weights \(e\.g\. \['model\.model\.layers\.1\."),
+        "lora": ({key.replace("model.", "model.base_model.model.", 1): value for key, value in state.items()}
+                 | {adapter: torch.zeros(4, 64)}, "is a checkpoint of a LoRA run; start from its export"),
+    }
+    for name, (held, refusal) in cases.items():
+        directory = tmp_path / name / "last.ckpt"
+        dcp.save({"state_dict": held}, checkpoint_id=str(directory), no_dist=True)
+        torch.save({"hyper_parameters": dict(start.hparams)}, directory / "meta.pt")
+        with pytest.raises(ValueError, match=refusal):
+            GFPOModule(init_from=str(directory), num_fork_tokens=3, group_size=6).configure_model()
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
